@@ -1,0 +1,1 @@
+"""detoxrl.train."""

@@ -1,0 +1,499 @@
+"""Run configuration: typed dataclasses, loaded as defaults < YAML file < `section.key=value` overrides.
+
+Every field has a docstring (the attribute docstring under it); `docs/CONFIG.md` is generated from them
+(`python -m detoxrl.train.config --markdown`). Parsing and type checking are OmegaConf's structured configs;
+unknown keys fail with the closest valid key; `validate()` then refuses impossible combinations before any
+model is loaded, naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+    """Folder for everything the run writes: tensorboard/, checkpoints/, final/, config.yaml, metrics.jsonl, run_info.json."""
+    seed: int = 0
+    """Seed for data order, sampling, and initialisation of LoRA and the value head (identical on all ranks)."""
+    total_steps: int = 40
+    """Number of PPO iterations (rollout + update) to run."""
+    device: str = "auto"
+    """Policy device for a single process: `auto` (what accelerate picks: the rank's GPU, else CPU), `cpu`. Under
+    `accelerate launch` each rank trains on its own device."""
+    cpu_threads: Optional[int] = None
+    """Torch CPU threads per process (null = torch's default). Tiny models run faster with 1, and processes sharing
+    a machine's cores must not oversubscribe them (2 threads on a busy 2-core machine were 20x slower here)."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss is NaN/inf skips its update and is logged; this many such steps in a row stop the run."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """LoRA dropout probability. Note: detoxrl keeps every module in eval mode during PPO (dropout off), as the
+    PPO log-probabilities must match those of sampling; the value is kept for the saved adapter's config."""
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Module names to adapt (`["q","v"]` for T5, `["c_attn"]` for GPT-2)."""
+
+
+@dataclass
+class PolicyConfig:
+    model: str = "demo"
+    """Hub name or local folder of the base model. `demo` builds the offline demo's tiny T5 (cached)."""
+    kind: Literal["auto", "seq2seq", "causal"] = "auto"
+    """`seq2seq` (T5, BART) or `causal` (GPT-2, Llama); `auto` reads `is_encoder_decoder` from the model config."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: `auto` is float32 on CPU and bfloat16 on a GPU that supports it."""
+    adapter: Optional[str] = None
+    """Optional starting LoRA adapter (PEFT folder), loaded TRAINABLE, as the seeds load their SFT adapter. When
+    set, `lora` is ignored and the reference is base + this adapter."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Fresh LoRA settings, used when `adapter` is not set."""
+    value_head_init_std: float = 0.0
+    """Std of the value head's initial weights (0 = zero init: initial values are 0)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the model."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the repository."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class ReferenceConfig:
+    mode: Literal["shared", "copy"] = "shared"
+    """`shared`: no second copy of the base; the reference is the policy with its trainable adapter switched off
+    (or, when starting from an SFT adapter, a frozen second copy of that adapter on the same base). `copy`: a
+    separate frozen model (base + starting adapter merged) on `device`."""
+    device: str = "auto"
+    """For `copy`: `auto` (the policy's device), `cpu`, or `cuda:N`."""
+
+
+@dataclass
+class RewardTermConfig:
+    model: str = "demo"
+    """Hub name or local folder of a sequence-classification model. `demo` = the demo's tiny toxicity classifier."""
+    label: str = "nothate"
+    """Output label by NAME, checked against the model's `id2label` (e.g. `nothate`, `LABEL_1`, `POSITIVE`)."""
+    output: Literal["logit", "probability"] = "logit"
+    """Use the label's raw logit or its softmax probability."""
+    weight: float = 1.0
+    """Weight of this term in the total reward (total = sum of weight * term)."""
+    device: str = "auto"
+    """Device of this classifier: `auto` (the policy's device), `cpu`, or `cuda:N`."""
+    batch_size: int = 32
+    """Texts per forward pass (texts are sorted by length first to limit padding)."""
+    max_length: Optional[int] = None
+    """Max tokens fed to the classifier; default = its tokenizer's `model_max_length` (capped at its position table)."""
+    score: Literal["response", "prompt_response"] = "response"
+    """What is scored: the response alone, or prompt + response with the prompt cut from the LEFT so the response
+    is never truncated away."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use if it differs from `model`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub."""
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    """One or more classifier terms; the reward is their weighted sum."""
+    normalize: bool = False
+    """Running normalisation of the total score to mean 0, std 1 (statistics over all ranks, saved in checkpoints)."""
+    clip: Optional[float] = None
+    """Clip the (normalised) score to [-clip, clip]."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "demo"
+    """Where prompts come from: a hub dataset name; a `save_to_disk` folder; a folder with `<split>.jsonl|.csv|.parquet`;
+    or one local .jsonl/.json/.csv/.parquet file. `demo` = the shipped demo dialogues."""
+    split: str = "train"
+    """Split used for training prompts."""
+    text_field: str = "dialogue"
+    """Column with the text inserted into the template (also used by `min_text_chars`)."""
+    template: str = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+    """Prompt template; `{column}` placeholders are filled from the row. `{}`-free templates use the text as is."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this (in policy tokens) are truncated (from the left for causal models, keeping the
+    end of the prompt next to the response; from the right for seq2seq, keeping EOS). Never padded to it."""
+    min_text_chars: int = 0
+    """Drop rows whose `text_field` is shorter than this many characters (the IMDb recipe uses 200)."""
+    prompt_tokens_range: Optional[list[int]] = None
+    """`[lo, hi]`: cut each prompt to a length drawn uniformly from lo..hi tokens (the IMDb recipe's 2-8)."""
+    max_samples: Optional[int] = None
+    """Use only the first N rows (after filtering)."""
+    reference_field: Optional[str] = None
+    """Column with reference outputs (e.g. `summary`), used by evaluation (ROUGE)."""
+
+
+@dataclass
+class GenerationConfig:
+    do_sample: bool = True
+    """Sample (True) or greedy decode (False)."""
+    top_k: int = 0
+    """Top-k filtering (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus filtering (1.0 = off)."""
+    temperature: float = 1.0
+    """Sampling temperature; the same temperature divides the logits for the PPO log-probabilities."""
+    min_new_tokens: int = 1
+    """Minimum response tokens (EOS suppressed before). Counts new tokens only, unlike `min_length`."""
+    max_new_tokens: int = 32
+    """Maximum response tokens (used when `max_new_tokens_range` is not set)."""
+    max_new_tokens_range: Optional[list[int]] = None
+    """`[lo, hi]`: draw the maximum response length per rollout batch uniformly from lo..hi (the seeds' 100..400)."""
+    rollout_batch_size: int = 64
+    """Prompts per `generate()` call (chunks the step's batch to bound memory)."""
+
+
+@dataclass
+class KLConfig:
+    init_coef: float = 0.2
+    """Initial KL penalty coefficient beta."""
+    adaptive: bool = True
+    """Adaptive controller (Ziegler et al.) steering KL to `target`; False keeps beta fixed."""
+    target: float = 6.0
+    """Target KL (nats per response) for the adaptive controller."""
+    horizon: int = 10000
+    """Adaptive controller horizon in samples."""
+    estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    """Per-token KL estimator for the penalty: k1 = logp - logp_ref; k3 = the unbiased low-variance estimator."""
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = 16
+    """Rollouts (prompts) per PPO step PER PROCESS; the global batch is batch_size x number of processes."""
+    mini_batch_size: int = 4
+    """Samples per optimizer step (per process)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per mini-batch (mini_batch_size must be divisible by it)."""
+    ppo_epochs: int = 4
+    """Passes over the step's rollouts."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """KL penalty against the reference."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    value_clip_range: Optional[float] = 0.2
+    """Value clip around old values (null = no clipping)."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 = off)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the global (all-rank) batch."""
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping norm (null = off)."""
+    ratio_threshold: float = 10.0
+    """Skip a mini-batch whose mean probability ratio exceeds this (a sign of a broken update)."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtract this from the score of responses that hit the length limit without EOS."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.41e-5
+    """AdamW learning rate."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup (decays over the total number of optimizer steps)."""
+    warmup_steps: int = 0
+    """Linear warmup in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Write scalars (TensorBoard, metrics.jsonl, console) every N steps."""
+    sample_every: int = 10
+    """Write a text table of (prompt, response, reward) samples to TensorBoard every N steps (0 = never)."""
+    num_samples: int = 4
+    """Rows in that table."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under output_dir/tensorboard."""
+    progress_bar: bool = True
+    """Show a console progress bar (rank 0 only)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a checkpoint every N steps (0 = only the final adapter)."""
+    resume: str = "auto"
+    """`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path."""
+    keep_last: int = 2
+    """Keep the N newest checkpoints; older ones are pruned."""
+    allow_config_change: bool = False
+    """Resume even if keys that alter the maths (batch size, model, reward, ...) differ from the checkpoint's."""
+
+
+@dataclass
+class EvaluationConfig:
+    before_after: bool = False
+    """Generate for held-out prompts before and after training and print the mean toxicity of each."""
+    split: str = "test"
+    """Data split of the held-out prompts."""
+    num_samples: int = 32
+    """Held-out prompts."""
+    term: int = 0
+    """Index of the reward term whose classifier measures toxicity."""
+    toxic_label: str = "hate"
+    """Label whose probability is the toxicity."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity and length."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The trained model (LoRA + value head)."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """The frozen starting policy for the KL penalty."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Frozen classifiers that score responses."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Rollout sampling."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyperparameters."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """TensorBoard, metrics.jsonl and console."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Before/after held-out evaluation during training."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+def _omega_error(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{where}: {msg}" + (f" (key: {key})" if key else ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML file < overrides (`section.key=value`, value parsed as YAML). Validated."""
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        try:
+            schema = OmegaConf.merge(schema, OmegaConf.create(data))
+        except OmegaConfBaseException as err:
+            raise _omega_error(err, str(path)) from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        try:
+            OmegaConf.update(schema, key.strip(), value, merge=True)
+        except OmegaConfBaseException as err:
+            raise _omega_error(err, f"override {item!r}") from err
+        except (TypeError, ValueError, IndexError) as err:  # e.g. a list index that does not exist
+            raise ConfigError(f"override {item!r}: {err}") from err
+    try:
+        cfg = OmegaConf.to_object(schema)
+    except OmegaConfBaseException as err:
+        raise _omega_error(err, "config") from err
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML; valid input for `--config` (round-trips)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=120)
+
+
+def config_hash(cfg: Config | dict) -> str:
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _check_range(value: Optional[list], key: str, lo_min: int) -> None:
+    if value is None:
+        return
+    _check(len(value) == 2, key, f"must be [lo, hi], got {value}")
+    _check(lo_min <= value[0] <= value[1], key, f"needs {lo_min} <= lo <= hi, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible combinations, naming the key. Runs before any model is loaded."""
+    r, p, g, o = cfg.run, cfg.ppo, cfg.generation, cfg.optim
+    _check(r.total_steps >= 1, "run.total_steps", f"must be >= 1, got {r.total_steps}")
+    _check(r.cpu_threads is None or r.cpu_threads >= 1, "run.cpu_threads", "must be >= 1 or null")
+    _check(r.max_nonfinite_steps >= 1, "run.max_nonfinite_steps", "must be >= 1")
+    _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"), "run.device",
+           f"must be auto, cpu or cuda[:N], got {r.device!r}")
+    _check(cfg.policy.lora.r >= 1, "policy.lora.r", "must be >= 1")
+    _check(0.0 <= cfg.policy.lora.dropout < 1.0, "policy.lora.dropout", "must be in [0, 1)")
+    _check(len(cfg.policy.lora.target_modules) > 0, "policy.lora.target_modules", "must name at least one module")
+    _check(p.batch_size >= 1, "ppo.batch_size", "must be >= 1")
+    _check(p.mini_batch_size >= 1, "ppo.mini_batch_size", "must be >= 1")
+    _check(p.mini_batch_size <= p.batch_size, "ppo.mini_batch_size",
+           f"({p.mini_batch_size}) cannot be larger than ppo.batch_size ({p.batch_size})")
+    _check(p.batch_size % p.mini_batch_size == 0, "ppo.batch_size",
+           f"({p.batch_size}) must be divisible by ppo.mini_batch_size ({p.mini_batch_size})")
+    _check(p.gradient_accumulation_steps >= 1 and p.mini_batch_size % p.gradient_accumulation_steps == 0,
+           "ppo.gradient_accumulation_steps",
+           f"({p.gradient_accumulation_steps}) must divide ppo.mini_batch_size ({p.mini_batch_size})")
+    _check(p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be >= 1")
+    _check(0.0 < p.gamma <= 1.0, "ppo.gamma", "must be in (0, 1]")
+    _check(0.0 <= p.lam <= 1.0, "ppo.lam", "must be in [0, 1]")
+    _check(p.clip_range > 0, "ppo.clip_range", "must be > 0")
+    _check(p.value_clip_range is None or p.value_clip_range > 0, "ppo.value_clip_range", "must be > 0 or null")
+    _check(p.kl.init_coef >= 0, "ppo.kl.init_coef", "must be >= 0")
+    _check(p.kl.target > 0 and p.kl.horizon > 0, "ppo.kl.target", "target and horizon must be > 0")
+    _check(p.max_grad_norm is None or p.max_grad_norm > 0, "ppo.max_grad_norm", "must be > 0 or null")
+    _check(p.ratio_threshold > 1.0, "ppo.ratio_threshold", "must be > 1")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
+    _check(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), "optim.adam_betas",
+           "must be two numbers in [0, 1)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(g.top_k >= 0, "generation.top_k", "must be >= 0")
+    _check(0.0 < g.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    _check(g.temperature > 0, "generation.temperature", "must be > 0")
+    _check(g.min_new_tokens >= 0, "generation.min_new_tokens", "must be >= 0")
+    _check(g.max_new_tokens >= max(1, g.min_new_tokens), "generation.max_new_tokens",
+           f"({g.max_new_tokens}) must be >= 1 and >= generation.min_new_tokens ({g.min_new_tokens})")
+    _check_range(g.max_new_tokens_range, "generation.max_new_tokens_range", 1)
+    if g.max_new_tokens_range is not None:
+        _check(g.max_new_tokens_range[0] >= g.min_new_tokens, "generation.max_new_tokens_range",
+               f"lower end must be >= generation.min_new_tokens ({g.min_new_tokens})")
+    _check(g.rollout_batch_size >= 1, "generation.rollout_batch_size", "must be >= 1")
+    d = cfg.data
+    _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    _check(d.min_text_chars >= 0, "data.min_text_chars", "must be >= 0")
+    _check_range(d.prompt_tokens_range, "data.prompt_tokens_range", 1)
+    _check(d.max_samples is None or d.max_samples >= 1, "data.max_samples", "must be >= 1 or null")
+    rw = cfg.reward
+    _check(len(rw.terms) >= 1, "reward.terms", "needs at least one term")
+    for i, t in enumerate(rw.terms):
+        _check(bool(t.model), f"reward.terms.{i}.model", "must name a model")
+        _check(bool(t.label), f"reward.terms.{i}.label", "must name a label")
+        _check(math.isfinite(t.weight), f"reward.terms.{i}.weight", "must be finite")
+        _check(t.batch_size >= 1, f"reward.terms.{i}.batch_size", "must be >= 1")
+        _check(t.max_length is None or t.max_length >= 8, f"reward.terms.{i}.max_length", "must be >= 8 or null")
+    _check(rw.clip is None or rw.clip > 0, "reward.clip", "must be > 0 or null")
+    _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    _check(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
+    c = cfg.checkpoint
+    _check(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    e = cfg.evaluation
+    _check(0 <= e.term < len(rw.terms), "evaluation.term", f"must index reward.terms (0..{len(rw.terms) - 1})")
+    _check(e.num_samples >= 1, "evaluation.num_samples", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Documentation: attribute docstrings -> Markdown
+# --------------------------------------------------------------------------------------------------------------
+def _attribute_docs(cls: type) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+def markdown_reference() -> str:
+    """Every config key with its default and docstring, as Markdown (docs/CONFIG.md)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `train/config.py` by `python -m detoxrl.train.config --markdown > docs/CONFIG.md`.",
+             "Set keys in a YAML recipe or on the command line as `section.key=value`.", ""]
+    default = Config()
+
+    def section(obj: Any, prefix: str) -> None:
+        docs = _attribute_docs(type(obj))
+        rows, subs = [], []
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                subs.append((value, f"{prefix}{f.name}."))
+                continue
+            shown = json.dumps(asdict(value[0])) + " ..." if value and isinstance(value, list) and is_dataclass(value[0]) \
+                else json.dumps(value)
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+            if isinstance(value, list) and value and is_dataclass(value[0]):
+                subs.append((value[0], f"{prefix}{f.name}.N."))
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.')}`", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for obj2, pre in subs:
+            section(obj2, pre)
+
+    top_docs = _attribute_docs(Config)
+    for f in fields(default):
+        lines.append(f"<!-- {f.name}: {top_docs.get(f.name, '')} -->")
+        section(getattr(default, f.name), f"{f.name}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--markdown" in sys.argv:
+        sys.stdout.write(markdown_reference())
+    else:
+        sys.stdout.write(to_yaml(Config()))

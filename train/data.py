@@ -1,0 +1,147 @@
+"""Prompts: load rows (hub / save_to_disk folder / local files), fill the template, tokenize once, shard by rank.
+
+Prompts are tokenized once and truncated to `max_prompt_tokens`; they are padded per batch, never to a fixed
+length. The sampler walks a seeded permutation that is identical on every rank; rank r takes positions
+r, r + W, r + 2W, ... of each global batch, so ranks see different prompts and the data position is one number.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from detoxrl.train.config import DataConfig
+
+log = logging.getLogger("detoxrl.data")
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(dataset: str, split: str):
+    """A `datasets.Dataset` for (dataset, split). Local paths are tried before the hub."""
+    import datasets
+
+    path = Path(dataset)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise KeyError(f"data.split {split!r} not in {path}; splits there: {sorted(ds)}")
+                return ds[split]
+            return ds
+        for ext, fmt in LOCAL_FORMATS.items():
+            candidate = path / f"{split}{ext}"
+            if candidate.is_file():
+                return datasets.load_dataset(fmt, data_files={split: str(candidate)}, split=split)
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(f"data.dataset {path}: not a save_to_disk folder and no {split}.jsonl/.csv/.parquet "
+                                f"inside (found: {found[:10]})")
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data.dataset: file not found: {path}")
+        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+    if dataset.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data.dataset: path not found: {dataset}")
+    return datasets.load_dataset(dataset, split=split)
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass
+class PromptSet:
+    """Tokenized prompts and the rows they came from."""
+    input_ids: list[list[int]]
+    texts: list[str]                 # decoded prompt as the policy sees it (after truncation)
+    references: list[Optional[str]]  # reference outputs (e.g. summaries) when data.reference_field is set
+    dropped: int                     # rows filtered out (empty / too short)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def build_prompts(rows, cfg: DataConfig, tokenizer, kind: str, seed: int) -> PromptSet:
+    """Filter, fill the template, tokenize and truncate. Raises with the available columns on a wrong field."""
+    columns = list(rows.column_names)
+    needed = set(template_fields(cfg.template)) | {cfg.text_field}
+    if cfg.reference_field:
+        needed.add(cfg.reference_field)
+    missing = sorted(needed - set(columns))
+    if missing:
+        raise KeyError(f"data: column(s) {missing} not in dataset {cfg.dataset!r} (split {cfg.split!r}); "
+                       f"columns are: {columns}. Check data.text_field / data.template / data.reference_field.")
+    texts, refs, dropped = [], [], 0
+    for row in rows:
+        value = row[cfg.text_field]
+        if value is None or not str(value).strip() or len(str(value)) < cfg.min_text_chars:
+            dropped += 1
+            continue
+        fields = {k: ("" if row[k] is None else str(row[k])) for k in template_fields(cfg.template)}
+        texts.append(cfg.template.format(**fields) if fields else str(value))
+        refs.append(row[cfg.reference_field] if cfg.reference_field else None)
+        if cfg.max_samples is not None and len(texts) >= cfg.max_samples:
+            break
+    if dropped:
+        log.warning("data: dropped %d row(s) whose %r is empty or shorter than %d characters", dropped,
+                    cfg.text_field, cfg.min_text_chars)
+    if not texts:
+        raise ValueError(f"data: no usable prompts in {cfg.dataset!r} split {cfg.split!r} after filtering "
+                         f"(min_text_chars={cfg.min_text_chars}, {dropped} dropped)")
+    # Causal prompts keep their END (next to the response); seq2seq keep the start and their EOS.
+    tokenizer.truncation_side = "left" if kind == "causal" else "right"
+    enc = tokenizer(texts, truncation=True, max_length=cfg.max_prompt_tokens, add_special_tokens=True)["input_ids"]
+    if cfg.prompt_tokens_range is not None:
+        lo, hi = cfg.prompt_tokens_range
+        rng = np.random.default_rng(seed)
+        enc = [ids[:int(rng.integers(lo, hi + 1))] for ids in enc]
+    kept = [(ids, r) for ids, r in zip(enc, refs) if len(ids) > 0]
+    if len(kept) < len(enc):
+        log.warning("data: dropped %d prompt(s) that tokenized to nothing", len(enc) - len(kept))
+        if not kept:
+            raise ValueError("data: every prompt tokenized to zero tokens")
+    ids_list = [k[0] for k in kept]
+    decoded = tokenizer.batch_decode(ids_list, skip_special_tokens=True)
+    return PromptSet(ids_list, decoded, [k[1] for k in kept], dropped)
+
+
+class PromptSampler:
+    """Seeded, resumable, rank-sharded order over a PromptSet. Epoch e uses permutation(seed + e)."""
+
+    def __init__(self, n: int, per_rank: int, rank: int, world: int, seed: int, shuffle: bool = True) -> None:
+        if n < per_rank * world:
+            raise ValueError(f"data: {n} prompts is fewer than one global batch ({per_rank} x {world} ranks)")
+        self.n, self.per_rank, self.rank, self.world, self.seed, self.shuffle = n, per_rank, rank, world, seed, shuffle
+        self.epoch = 0
+        self.index = 0  # position in the epoch's global order (same on all ranks)
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+
+    def next_indices(self) -> list[int]:
+        global_batch = self.per_rank * self.world
+        if self.index + global_batch > self.n:  # drop the ragged tail so every step has a full batch
+            self.epoch += 1
+            self.index = 0
+        order = self._order()
+        chunk = order[self.index:self.index + global_batch]
+        self.index += global_batch
+        return [int(i) for i in chunk[self.rank::self.world]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise ValueError(f"data position was saved for {state['n']} prompts / seed {state['seed']}, but this run "
+                             f"has {self.n} / {self.seed}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

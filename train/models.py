@@ -1,0 +1,329 @@
+"""The policy (base + LoRA + value head), the frozen reference, and batched rollout generation.
+
+Shapes used throughout: a rollout batch holds B prompts and B responses. Prompts are padded per batch (right for
+seq2seq, left for causal) — never to a fixed length. Responses are right-padded to the longest in the batch;
+`response_mask` is 1 up to and including the first EOS and 0 after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          GenerationConfig as HFGenerationConfig, PreTrainedTokenizerBase)
+
+from detoxrl.train.config import GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
+from detoxrl.train.ppo_math import logprobs_from_logits
+
+log = logging.getLogger("detoxrl.models")
+
+REFERENCE_ADAPTER = "reference"
+TRAINABLE_ADAPTER = "default"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_device(name: str, default: torch.device) -> torch.device:
+    """`auto` -> `default`; otherwise the named device, checked to exist."""
+    if name == "auto":
+        return default
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def detect_kind(model_path: str, kind: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> str:
+    if kind != "auto":
+        return kind
+    cfg = AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    return "seq2seq" if getattr(cfg, "is_encoder_decoder", False) else "causal"
+
+
+def load_tokenizer(model_path: str, kind: str, revision: Optional[str] = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {model_path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token  # GPT-2 style: pad with EOS; the response mask handles it
+    tok.padding_side = "left" if kind == "causal" else "right"
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {model_path} has no eos token; responses could never end")
+    return tok
+
+
+def _hidden_size(config) -> int:
+    for name in ("d_model", "hidden_size", "n_embd"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot find the hidden size in {type(config).__name__}")
+
+
+def context_window(config) -> Optional[int]:
+    """Absolute position limit of a causal model (None for relative-position models like T5)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def _auto_model_class(kind: str):
+    return AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    # PPO needs the same function for sampling and for the loss: no dropout anywhere.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def load_base_model(path: str, kind: str, dtype: torch.dtype, revision: Optional[str], trust_remote_code: bool):
+    model = _auto_model_class(kind).from_pretrained(path, dtype=dtype, revision=revision,
+                                                    trust_remote_code=trust_remote_code)
+    _disable_dropout(model)
+    return model
+
+
+def lm_forward(lm: nn.Module, kind: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               response_ids: torch.Tensor, want_hidden: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Logits (B, T, V) predicting each response token and, if asked, the last hidden state at those positions."""
+    if kind == "seq2seq":
+        start = lm.config.decoder_start_token_id
+        dec_in = torch.cat([torch.full_like(response_ids[:, :1], start), response_ids[:, :-1]], dim=1)
+        out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, decoder_input_ids=dec_in,
+                 output_hidden_states=want_hidden, use_cache=False)
+        hidden = out.decoder_hidden_states[-1] if want_hidden else None
+        return out.logits, hidden
+    # causal: [left-padded prompt | response]; logits at position i predict token i+1
+    P = prompt_ids.shape[1]
+    T = response_ids.shape[1]
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    # response padding is attended by nobody before it (causal), so ones are fine for the response part
+    mask = torch.cat([prompt_mask, torch.ones_like(response_ids)], dim=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=want_hidden, use_cache=False)
+    logits = out.logits[:, P - 1:P - 1 + T]
+    hidden = out.hidden_states[-1][:, P - 1:P - 1 + T] if want_hidden else None
+    return logits, hidden
+
+
+class PolicyWithValue(nn.Module):
+    """A PEFT-wrapped language model plus a scalar value head on its last (decoder) hidden state.
+
+    Only the LoRA weights and the value head are trainable.
+    """
+
+    def __init__(self, lm: nn.Module, kind: str, value_head_init_std: float = 0.0,
+                 has_reference_adapter: bool = False) -> None:
+        super().__init__()
+        self.lm = lm
+        self.kind = kind
+        self.has_reference_adapter = has_reference_adapter
+        hidden = _hidden_size(lm.config)
+        self.v_head = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            if value_head_init_std > 0:
+                self.v_head.weight.normal_(0.0, value_head_init_std)
+            else:
+                self.v_head.weight.zero_()
+            self.v_head.bias.zero_()
+        self.v_head.to(dtype=torch.float32)
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                want_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (B, T, V) predicting each response token, and values (B, T) of the state before it."""
+        logits, hidden = lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids, want_values)
+        values = self.v_head(hidden.float()).squeeze(-1) if want_values else None
+        return logits, values
+
+    @contextlib.contextmanager
+    def reference_mode(self) -> Iterator[None]:
+        """The starting policy on the shared base: the trainable adapter off, or the frozen SFT copy on."""
+        if self.has_reference_adapter:
+            self.lm.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+            try:
+                yield
+            finally:
+                self.lm.set_adapter(TRAINABLE_ADAPTER)  # makes the trainable adapter require grad again
+        else:
+            with self.lm.disable_adapter():
+                yield
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def build_policy(cfg: PolicyConfig, model_path: str, kind: str, device: torch.device, dtype: torch.dtype,
+                 reference_shared: bool, seed: int) -> PolicyWithValue:
+    """Base model + (starting adapter loaded trainable | fresh LoRA) + value head. Seeded for reproducible init."""
+    from peft import LoraConfig as PeftLoraConfig, PeftModel, TaskType, get_peft_model
+
+    base = load_base_model(model_path, kind, dtype, cfg.revision, cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()
+    torch.manual_seed(seed)
+    has_ref_adapter = False
+    if cfg.adapter:
+        adapter = Path(cfg.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"policy.adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        lm = PeftModel.from_pretrained(base, str(adapter), adapter_name=TRAINABLE_ADAPTER, is_trainable=True)
+        if reference_shared:
+            # The reference is base + the SFT adapter as it was at the start: a second, frozen copy of it.
+            lm.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            lm.set_adapter(TRAINABLE_ADAPTER)
+            has_ref_adapter = True
+    else:
+        lcfg: LoraConfig = cfg.lora
+        task = TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
+        lm = get_peft_model(base, PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                                                 target_modules=list(lcfg.target_modules), task_type=task))
+    _disable_dropout(lm)
+    policy = PolicyWithValue(lm, kind, cfg.value_head_init_std, has_ref_adapter)
+    policy.to(device)
+    policy.eval()  # dropout off for sampling AND for the PPO forward passes
+    return policy
+
+
+class FrozenReference(nn.Module):
+    """A separate frozen copy of the starting policy (base, or base + starting adapter merged) on its own device."""
+
+    def __init__(self, lm: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+        self.kind = kind
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+
+def build_reference_copy(policy_cfg: PolicyConfig, ref_cfg: ReferenceConfig, model_path: str, kind: str,
+                         device: torch.device, dtype: torch.dtype) -> FrozenReference:
+    from peft import PeftModel
+
+    base = load_base_model(model_path, kind, dtype, policy_cfg.revision, policy_cfg.trust_remote_code)
+    if policy_cfg.adapter:
+        base = PeftModel.from_pretrained(base, policy_cfg.adapter).merge_and_unload()
+    return FrozenReference(base, kind).to(device)
+
+
+def reference_logprobs(policy: PolicyWithValue, reference: Optional[FrozenReference], prompt_ids, prompt_mask,
+                       response_ids, temperature: float) -> torch.Tensor:
+    """Log-probs (B, T) of the responses under the frozen starting policy, returned on the policy's device."""
+    out_device = response_ids.device
+    with torch.inference_mode():
+        if reference is None:
+            with policy.reference_mode():
+                logits, _ = policy(prompt_ids, prompt_mask, response_ids, want_values=False)
+        else:
+            dev = reference.device
+            logits, _ = lm_forward(reference.lm, reference.kind, prompt_ids.to(dev), prompt_mask.to(dev),
+                                   response_ids.to(dev), False)
+        return logprobs_from_logits(logits, response_ids.to(logits.device), temperature).float().to(out_device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rollout generation
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # (B, P) padded (right for seq2seq, left for causal)
+    prompt_mask: torch.Tensor      # (B, P)
+    response_ids: torch.Tensor     # (B, T) right-padded with pad id
+    response_mask: torch.Tensor    # (B, T) 1 up to and including the first EOS
+    ended: torch.Tensor            # (B,) bool: the response contains EOS
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if left:
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        else:
+            ids[i, :len(p)] = torch.tensor(p)
+            mask[i, :len(p)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask (1 up to and including the first EOS), the ids with everything after EOS set to pad, and `ended`."""
+    is_eos = response_ids == eos_id
+    # number of EOS tokens strictly before position t
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = (before == 0).long()
+    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return mask, ids, is_eos.any(dim=1)
+
+
+def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    if t.shape[1] >= length:
+        return t
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+
+def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+                      gen: GenerationConfig, max_new_tokens: int, device: torch.device,
+                      synced_gpus: bool = False) -> Rollout:
+    """Batched sampling in chunks of `gen.rollout_batch_size`. Returns one padded Rollout for all prompts."""
+    lm = policy.lm
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    hf_gen = HFGenerationConfig(
+        do_sample=gen.do_sample, top_k=gen.top_k if gen.do_sample else None,
+        top_p=gen.top_p if gen.do_sample else None, temperature=gen.temperature if gen.do_sample else None,
+        min_new_tokens=gen.min_new_tokens, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+        eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=getattr(lm.config, "decoder_start_token_id", None), use_cache=True)
+    left = policy.kind == "causal"
+    chunks_ids, chunks_resp = [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), gen.rollout_batch_size):
+            chunk = prompts[start:start + gen.rollout_batch_size]
+            ids, mask = pad_prompts(chunk, pad_id, left, device)
+            out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=hf_gen, synced_gpus=synced_gpus)
+            resp = out[:, 1:] if policy.kind == "seq2seq" else out[:, ids.shape[1]:]
+            chunks_ids.append((ids, mask))
+            chunks_resp.append(resp)
+    P = max(i.shape[1] for i, _ in chunks_ids)
+    T = max(r.shape[1] for r in chunks_resp)
+    prompt_ids, prompt_mask = [], []
+    for ids, mask in chunks_ids:
+        if left:
+            prompt_ids.append(torch.nn.functional.pad(ids, (P - ids.shape[1], 0), value=pad_id))
+            prompt_mask.append(torch.nn.functional.pad(mask, (P - mask.shape[1], 0), value=0))
+        else:
+            prompt_ids.append(_pad_right(ids, P, pad_id))
+            prompt_mask.append(_pad_right(mask, P, 0))
+    response = torch.cat([_pad_right(r, T, pad_id) for r in chunks_resp], dim=0)
+    # Padding inside one chunk (a row that ended early) is pad, which can equal EOS (GPT-2): the first EOS wins.
+    resp_mask, response, ended = mask_after_eos(response, eos_id, pad_id)
+    if resp_mask.shape[1] == 0:
+        raise RuntimeError("generation returned no tokens")
+    return Rollout(torch.cat(prompt_ids), torch.cat(prompt_mask), response, resp_mask, ended)

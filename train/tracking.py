@@ -1,0 +1,119 @@
+"""What a run writes for people to watch: TensorBoard scalars and text, metrics.jsonl, run_info.json, console.
+
+Only the main process writes; every other rank logs warnings only.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("detoxrl")
+
+PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "tokenizers", "detoxrl")
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    root = logging.getLogger("detoxrl")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    if not is_main:
+        import datasets
+        import transformers
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class RunLogger:
+    """TensorBoard + metrics.jsonl + progress bar, on the main process only.
+
+    `start_step` lets a resumed run continue the same TensorBoard curves: events at or after it are purged.
+    """
+
+    def __init__(self, output_dir: Path, is_main: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, progress_bar: bool = True) -> None:
+        self.is_main = is_main
+        self.writer = None
+        self.bar = None
+        self.metrics_path = output_dir / "metrics.jsonl"
+        if not is_main:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
+        if start_step and self.metrics_path.exists():
+            # drop lines from steps that will be re-run, so metrics.jsonl has each step once
+            kept = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        if progress_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="PPO", unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        if self.writer is not None:
+            for k, v in clean.items():
+                if v is not None:
+                    self.writer.add_scalar(k, v, step)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if self.is_main and self.writer is not None and rows:
+            self.writer.add_text("samples", _markdown_table(rows), step)
+
+    def progress(self, step: int, reward: float, kl: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(reward=f"{reward:.3f}", kl=f"{kl:.3f}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
