@@ -75,7 +75,7 @@ def test_response_is_scored_even_when_the_prompt_is_longer_than_the_window(test_
     enc = t.encode([prompt], [toxic], with_prompt=True)[0]
     assert len(enc) == 32
     resp_ids = t.tokenizer(toxic, add_special_tokens=False)["input_ids"]
-    assert enc[-1 - len(resp_ids):-1] == resp_ids or t.tokenizer.decode(enc).strip().endswith(toxic.split()[-1])
+    assert enc[-1 - len(resp_ids):-1] == resp_ids and enc[-1] == t.tokenizer.eos_token_id
 
 
 def test_weighted_terms_sum(test_models):

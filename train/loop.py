@@ -53,6 +53,7 @@ class RunResult:
     final_dir: Optional[Path]
     metrics: list[dict[str, float]]           # metrics of the steps run in this process (main process only)
     evaluation: Optional[dict[str, Any]]      # before/after held-out figures when evaluation.before_after
+    policy: Any = None                        # the trained PolicyWithValue (unwrapped), for in-process callers
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,7 +463,7 @@ def train(cfg: Config) -> RunResult:
                   f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, steps_done, final_dir, history, evaluation or None)
+    return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped)
 
 
 @contextmanager

@@ -1,0 +1,164 @@
+"""Policy + value head, reference modes, rollout masks, and log-prob alignment with generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from detoxrl.train.config import GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
+from detoxrl.train.models import (build_policy, build_reference_copy, count_parameters, generate_rollouts,
+                                  load_tokenizer, lm_forward, mask_after_eos, pad_prompts, reference_logprobs)
+from detoxrl.train.ppo_math import logprobs_from_logits
+
+CPU = torch.device("cpu")
+
+
+def make_policy(path, kind, adapter=None, shared=True, seed=0):
+    cfg = PolicyConfig(model=str(path), kind=kind, adapter=str(adapter) if adapter else None,
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0,
+                                       target_modules=["q", "v"] if kind == "seq2seq" else ["c_attn"]))
+    return build_policy(cfg, str(path), kind, CPU, torch.float32, reference_shared=shared, seed=seed)
+
+
+def perturb_lora(policy, scale=0.5):
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if p.requires_grad and "lora_" in n:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def prompts_for(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_mask_after_eos():
+    ids = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 9, 9, 9, 9]])
+    mask, clean, ended = mask_after_eos(ids, eos_id=1, pad_id=0)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert clean.tolist() == [[5, 6, 1, 0, 0], [5, 5, 5, 5, 5], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_pad_prompts_sides():
+    ids, mask = pad_prompts([[1, 2, 3], [4]], pad_id=0, left=True, device=CPU)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_prompts([[1, 2, 3], [4]], pad_id=0, left=False, device=CPU)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+
+
+@pytest.mark.parametrize("family, kind", [("t5", "seq2seq"), ("gpt2", "causal")])
+def test_only_lora_and_value_head_train(test_models, family, kind):
+    policy = make_policy(test_models[family], kind)
+    total, trainable = count_parameters(policy)
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert 0 < trainable < total
+    assert all("lora_" in n or n.startswith("v_head") for n in names)
+    assert any(n.startswith("v_head") for n in names)
+    assert not policy.training  # dropout off
+
+
+@pytest.mark.parametrize("family, kind", [("t5", "seq2seq"), ("gpt2", "causal")])
+def test_forward_logprobs_match_generate(test_models, family, kind):
+    """Log-probs from our forward pass equal those generate() sampled from: no off-by-one, padding handled."""
+    tok = load_tokenizer(str(test_models[family]), kind)
+    policy = make_policy(test_models[family], kind)
+    perturb_lora(policy)
+    prompts = prompts_for(tok, ["the weather is nice", "a long movie with a very thin plot indeed", "hi"])
+    ids, mask = pad_prompts(prompts, tok.pad_token_id, kind == "causal", CPU)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = policy.lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                 max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
+                                 output_logits=True, pad_token_id=tok.pad_token_id)
+        resp = out.sequences[:, 1:] if kind == "seq2seq" else out.sequences[:, ids.shape[1]:]
+        gen_logits = torch.stack(out.logits, dim=1)
+        gen_logp = logprobs_from_logits(gen_logits, resp)
+        logits, values = policy(ids, mask, resp)
+        ours = logprobs_from_logits(logits, resp)
+    torch.testing.assert_close(ours, gen_logp, atol=1e-4, rtol=1e-4)
+    assert values.shape == resp.shape
+
+
+@pytest.mark.parametrize("family, kind", [("t5", "seq2seq"), ("gpt2", "causal")])
+def test_rollouts_end_at_eos_and_are_batched(test_models, family, kind):
+    tok = load_tokenizer(str(test_models[family]), kind)
+    policy = make_policy(test_models[family], kind)
+    prompts = prompts_for(tok, ["good morning", "the film was long", "we went to the shop", "thanks"] * 2)
+    torch.manual_seed(1)
+    gen = GenerationConfig(min_new_tokens=2, max_new_tokens=10, rollout_batch_size=3)
+    r = generate_rollouts(policy, prompts, tok, gen, 10, CPU)
+    assert r.response_ids.shape[0] == 8 and r.response_ids.shape[1] <= 10
+    lengths = r.response_mask.sum(1)
+    assert (lengths >= 2).all()
+    for row, m, ended in zip(r.response_ids, r.response_mask, r.ended):
+        n = int(m.sum())
+        if ended:
+            assert row[n - 1] == tok.eos_token_id and (row[n:] == tok.pad_token_id).all()
+        assert (m[:n] == 1).all() and (m[n:] == 0).all()
+
+
+def _ref_and_policy_logp(policy, reference, ids, mask, resp):
+    ref = reference_logprobs(policy, reference, ids, mask, resp, 1.0)
+    with torch.no_grad():
+        logits, _ = policy(ids, mask, resp)
+    return ref, logprobs_from_logits(logits, resp)
+
+
+def test_shared_reference_is_the_base_when_starting_fresh(test_models):
+    tok = load_tokenizer(str(test_models["t5"]), "seq2seq")
+    policy = make_policy(test_models["t5"], "seq2seq")
+    base = AutoModelForSeq2SeqLM.from_pretrained(test_models["t5"]).eval()
+    ids, mask = pad_prompts(prompts_for(tok, ["good morning to you", "hello"]), tok.pad_token_id, False, CPU)
+    resp = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    perturb_lora(policy)
+    ref, pol = _ref_and_policy_logp(policy, None, ids, mask, resp)
+    with torch.no_grad():
+        expected = logprobs_from_logits(lm_forward(base, "seq2seq", ids, mask, resp, False)[0], resp)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pol, ref, atol=1e-3)  # the trained policy has moved away from it
+
+
+@pytest.mark.parametrize("mode", ["shared", "copy"])
+def test_reference_with_sft_adapter_is_base_plus_that_adapter(test_models, mode):
+    """Starting from an SFT adapter, the reference must be base + SFT adapter, not the bare base, and frozen."""
+    path, adapter = test_models["t5"], test_models["t5_sft_adapter"]
+    tok = load_tokenizer(str(path), "seq2seq")
+    policy = make_policy(path, "seq2seq", adapter=adapter, shared=(mode == "shared"))
+    reference = None if mode == "shared" else build_reference_copy(
+        PolicyConfig(model=str(path), adapter=str(adapter)), ReferenceConfig(mode="copy"), str(path), "seq2seq",
+        CPU, torch.float32)
+    sft = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(path), str(adapter)).eval()
+    bare = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    ids, mask = pad_prompts(prompts_for(tok, ["good morning to you", "hello"]), tok.pad_token_id, False, CPU)
+    resp = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    with torch.no_grad():
+        want = logprobs_from_logits(lm_forward(sft, "seq2seq", ids, mask, resp, False)[0], resp)
+        bare_lp = logprobs_from_logits(lm_forward(bare, "seq2seq", ids, mask, resp, False)[0], resp)
+    ref0, pol0 = _ref_and_policy_logp(policy, reference, ids, mask, resp)
+    torch.testing.assert_close(ref0, want, atol=1e-5, rtol=1e-5)   # starts as base + SFT
+    torch.testing.assert_close(pol0, want, atol=1e-5, rtol=1e-5)   # the policy starts there too
+    assert not torch.allclose(ref0, bare_lp, atol=1e-3)             # and that is not the bare base
+    perturb_lora(policy)                                           # "training" moves the trainable adapter only
+    ref1, pol1 = _ref_and_policy_logp(policy, reference, ids, mask, resp)
+    torch.testing.assert_close(ref1, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pol1, want, atol=1e-3)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and not any(".reference." in n for n in trainable)  # still trainable after reference_mode
+
+
+def test_causal_reference_copy_matches_base(test_models):
+    path = test_models["gpt2"]
+    tok = load_tokenizer(str(path), "causal")
+    policy = make_policy(path, "causal", shared=False)
+    reference = build_reference_copy(PolicyConfig(model=str(path)), ReferenceConfig(mode="copy"), str(path),
+                                     "causal", CPU, torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = pad_prompts(prompts_for(tok, ["good morning to you", "hello"]), tok.pad_token_id, True, CPU)
+    resp = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    ref = reference_logprobs(policy, reference, ids, mask, resp, 0.7)
+    with torch.no_grad():
+        want = logprobs_from_logits(lm_forward(base, "causal", ids, mask, resp, False)[0], resp, 0.7)
+    torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
+    assert all(not p.requires_grad for p in reference.parameters())
