@@ -44,3 +44,21 @@ def demo_assets(demo_cache) -> dict[str, Path]:
     from detoxrl.train.tiny_models import build_demo_assets
 
     return build_demo_assets()
+
+
+CAUSAL_TEMPLATE = "{dialogue}\nSummary:"
+
+
+@pytest.fixture(scope="session")
+def causal_demo(demo_assets, tmp_path_factory) -> dict[str, Path]:
+    """The demo's data and toxicity classifier with a tiny GPT-2 fine-tuned to continue dialogues with summaries."""
+    from detoxrl.train.tiny_models import (DEMO_DATA_DIR, build_gpt2, load_jsonl, sft_causal, train_tokenizer)
+
+    rows = [r for r in load_jsonl(DEMO_DATA_DIR / "dialogues.jsonl") if r["split"] == "train"]
+    texts = [CAUSAL_TEMPLATE.format(dialogue=r["dialogue"]) + " " + r["summary"] for r in rows]
+    root = tmp_path_factory.mktemp("causal_demo")
+    tok = train_tokenizer(texts, "gpt2", vocab_size=800)
+    torch.set_num_threads(1)
+    build_gpt2(root / "policy", tok, n_positions=256, seed=0, dropout=0.0)
+    sft_causal(root / "policy", texts, steps=300, lr=3e-3, batch_size=16, seed=0, max_length=128)
+    return {"policy": root / "policy", "reward": demo_assets["reward"], "data": demo_assets["data"]}

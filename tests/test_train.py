@@ -134,7 +134,11 @@ def test_demo_learns_reward_up_toxicity_down(demo_assets, tmp_path):
     first, last = _window_means(result.metrics, "env/reward_mean", 5)
     assert last > first + 1.0, (first, last)
     ev = result.evaluation
-    assert ev["after"]["toxicity_mean"] < 0.7 * ev["before"]["toxicity_mean"], ev
+    assert ev["after"]["toxicity_mean"] < 0.5 * ev["before"]["toxicity_mean"], ev
+    # not by collapsing: responses keep their length and the KL stays bounded (reward hacking guard)
+    len_first, len_last = _window_means(result.metrics, "env/response_length_mean", 5)
+    assert len_last > 0.7 * len_first, (len_first, len_last)
+    assert _window_means(result.metrics, "objective/kl", 5)[1] < 4 * cfg.ppo.kl.target
 
 
 @pytest.mark.slow
@@ -142,7 +146,7 @@ def test_causal_path_learns(causal_demo, tmp_path):
     cfg = load_config(RECIPES / "demo.yaml", [
         f"run.output_dir={tmp_path}", f"policy.model={causal_demo['policy']}", "policy.kind=causal",
         "policy.lora.target_modules=[c_attn]", f"reward.terms.0.model={causal_demo['reward']}",
-        f"data.dataset={causal_demo['data']}", "data.template='{dialogue}\nSummary:'", "data.max_prompt_tokens=96",
+        f"data.dataset={causal_demo['data']}", r'data.template="{dialogue}\nSummary:"', "data.max_prompt_tokens=96",
         "logging.progress_bar=false", "evaluation.before_after=false"])
     result = train(cfg)
     first, last = _window_means(result.metrics, "env/reward_mean", 5)
