@@ -1,0 +1,432 @@
+"""Evaluate two or more policies on the same prompts with the same sampling seeds.
+
+    prompts    the recipe's data config on the chosen split (test by default), the first N usable rows
+    work       prompts are cut into fixed chunks of `batch_size`; chunk c is sampled with seed (seed, c), the
+               same for every policy; under `accelerate launch` rank r takes chunks r, r + W, ... — so every
+               sample depends only on its chunk, and 1 or N processes give the same numbers
+    generate   per policy: batched sampling, then the sequence log-prob of each response under the policy and
+               under the first policy (the baseline); their difference is the sample's KL estimate
+    score      every reward term of the recipe (the prompt, when a term scores it, is cut from the left), and the
+               toxicity = P(toxic label) of the evaluation classifier on the response alone
+    gather     per-sample records from all ranks; the main process computes the metrics and writes the report
+
+Only one policy besides the baseline is in memory at a time, and the classifiers are loaded after generation.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from detoxrl.eval import metrics as M
+from detoxrl.eval.policies import LoadedPolicy, PolicySource, load_policy
+from detoxrl.train import assets
+from detoxrl.train.config import Config, GenerationConfig, RewardTermConfig, config_hash
+from detoxrl.train.data import build_prompts, load_rows
+from detoxrl.train.loop import decode_responses
+from detoxrl.train.models import Rollout, generate_rollouts, lm_forward, load_tokenizer, resolve_dtype
+from detoxrl.train.ppo_math import logprobs_from_logits
+from detoxrl.train.reward import RewardTerm, resolve_label
+from detoxrl.train.tracking import package_versions, setup_logging
+
+log = logging.getLogger("detoxrl.eval")
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides the numbers (recorded in metrics.json)."""
+    split: str = "test"
+    """Data split the prompts come from."""
+    num_samples: int = 32
+    """Prompts (the first N usable rows of the split)."""
+    seed: int = 0
+    """Sampling seed; chunk c of every policy is sampled with seed (seed, c)."""
+    batch_size: int = 32
+    """Prompts per generate() call = per seeded chunk (changing it changes the samples)."""
+    max_new_tokens: int = 32
+    """Maximum response tokens: one fixed number for all policies (default: the recipe's `max_new_tokens`, or the
+    low end of its `max_new_tokens_range`)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling settings (do_sample=False: greedy)."""
+    classifier: Optional[str] = None
+    """Toxicity classifier (hub name / folder / `demo`); None = the recipe's reward term `term`."""
+    term: int = 0
+    """Reward term whose classifier measures toxicity when `classifier` is None."""
+    toxic_label: str = "hate"
+    """Label whose probability is the toxicity."""
+    toxicity_required: bool = False
+    """Fail (instead of skipping toxicity with a warning) when the classifier lacks `toxic_label`."""
+    bootstrap: int = 2000
+    """Bootstrap resamples for the confidence intervals (0 = none)."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
+    device: str = "auto"
+    """`auto` (each rank's accelerator device, else CPU) or `cpu`."""
+    cpu_threads: Optional[int] = None
+    """Torch CPU threads per process (the recipe's run.cpu_threads by default)."""
+    progress: bool = True
+    """Progress bar on the main process."""
+
+
+def settings_from_config(cfg: Config, **overrides: Any) -> EvalSettings:
+    """The recipe's evaluation and generation sections as defaults; keyword overrides win (None = keep)."""
+    g = cfg.generation
+    # one fixed length for every policy: the recipe's, or the low end of its drawn range (the seeds: 100 of 100..400)
+    max_new = g.max_new_tokens_range[0] if g.max_new_tokens_range else g.max_new_tokens
+    s = EvalSettings(split=cfg.evaluation.split, num_samples=cfg.evaluation.num_samples, seed=cfg.run.seed,
+                     batch_size=g.rollout_batch_size, max_new_tokens=max_new, generation=replace(g),
+                     term=cfg.evaluation.term, toxic_label=cfg.evaluation.toxic_label,
+                     cpu_threads=cfg.run.cpu_threads)
+    gen_keys = {"do_sample", "top_k", "top_p", "temperature", "min_new_tokens"}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in gen_keys:
+            setattr(s.generation, key, value)
+        else:
+            setattr(s, key, value)
+    if s.num_samples < 1 or s.batch_size < 1 or s.max_new_tokens < 1:
+        raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
+    if s.generation.min_new_tokens > s.max_new_tokens:
+        s.generation.min_new_tokens = s.max_new_tokens
+    s.generation.rollout_batch_size = s.batch_size
+    s.generation.max_new_tokens, s.generation.max_new_tokens_range = s.max_new_tokens, None
+    return s
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+
+
+def make_accelerator(device: str):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # gloo on CPU when launched with several processes (without it accelerate reports one process; DESIGN.md).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    return Accelerator(cpu=device == "cpu", kwargs_handlers=handlers)
+
+
+def sequence_logprob(lm, kind: str, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Sum of the response tokens' log-probs (B,) under `lm`, at the sampling temperature, as in training."""
+    with torch.inference_mode():
+        logits, _ = lm_forward(lm, kind, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, False)
+        logp = logprobs_from_logits(logits, rollout.response_ids, temperature).float()
+    return (logp * rollout.response_mask.float()).sum(1).cpu()
+
+
+def same_vocabulary(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def score_responses(terms: list[RewardTerm], toxicity: Optional[tuple[RewardTerm, str]], prompts: list[str],
+                    responses: list[str]) -> dict[str, Any]:
+    """Every reward term (the prompt cut from the left where a term scores it), their weighted sum, and the
+    toxicity of the response alone. Plain lists, in input order."""
+    per_term = [t.score(prompts, responses) for t in terms]
+    total = torch.zeros(len(responses), dtype=torch.float32)
+    for t, s in zip(terms, per_term):
+        total += t.cfg.weight * s
+    out = {"reward": total.tolist(), "terms": [s.tolist() for s in per_term], "toxicity": None}
+    if toxicity is not None:
+        term, label = toxicity
+        out["toxicity"] = term.label_probability(responses, label).tolist()
+    return out
+
+
+@dataclass
+class EvalResult:
+    """What the main process returns: metrics.json's content and the sample table (as in samples.csv)."""
+    metrics: dict[str, Any]
+    samples: list[dict[str, Any]]
+    output_dir: Optional[Path]
+
+
+def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, output_dir: Optional[Path] = None,
+             run_dir: Optional[Path] = None) -> Optional[EvalResult]:
+    """Run the comparison. Every rank must call it; the main process returns the result (others None) and, given
+    `output_dir`, writes metrics.json, samples.csv, samples.md and report.html there."""
+    if len(sources) < 1:
+        raise ValueError("evaluation needs at least one policy")
+    t_start = time.perf_counter()
+    accelerator = make_accelerator(settings.device)
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    setup_logging(is_main)
+    device = accelerator.device
+    dtype = resolve_dtype(cfg.policy.dtype, device)
+
+    # ---- prompts (one tokenization per distinct policy tokenizer) ------------------------------------------
+    with accelerator.main_process_first():  # the demo's assets are built once, by the main process
+        data_path = assets.resolve(cfg.data.dataset, "data")
+        rows = load_rows(data_path, settings.split)
+        reward_paths = [assets.resolve(t.model, "reward") for t in cfg.reward.terms]
+        tox_path = assets.resolve(settings.classifier, "reward") if settings.classifier else None
+    data_cfg = replace(cfg.data, split=settings.split, max_samples=settings.num_samples)
+    prompt_sets: dict[tuple[str, str], Any] = {}
+    for src in sources:
+        key = (src.tokenizer_path, src.kind)
+        if key not in prompt_sets:
+            tok = load_tokenizer(src.tokenizer_path, src.kind, None, src.trust_remote_code)
+            prompt_sets[key] = build_prompts(rows, data_cfg, tok, src.kind, cfg.run.seed)
+    sizes = {len(p) for p in prompt_sets.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the policies' tokenizers keep different numbers of prompts ({sorted(sizes)})")
+    first_prompts = prompt_sets[(sources[0].tokenizer_path, sources[0].kind)]
+    n = len(first_prompts)
+    if n < settings.num_samples:
+        log.warning("only %d usable prompts in split %r (asked for %d)", n, settings.split, settings.num_samples)
+    starts = list(range(0, n, settings.batch_size))
+    mine = [c for c in range(len(starts)) if c % world == rank]
+    gen = settings.generation
+    temperature = gen.temperature if gen.do_sample else 1.0
+    log.info("evaluating %d policies on %d prompts of %r split %r (%d chunks of %d, %d process(es))",
+             len(sources), n, cfg.data.dataset, settings.split, len(starts), settings.batch_size, world)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=2 * len(mine) * len(sources), desc="eval", unit="chunk", dynamic_ncols=True,
+               disable=not (is_main and settings.progress))
+
+    # ---- generate: responses, lengths, KL to the baseline ---------------------------------------------------
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    rng_devices = [device] if device.type == "cuda" else []
+    baseline = load_policy(sources[0], device, dtype)
+    kl_available: list[bool] = []
+    for i, src in enumerate(sources):
+        policy: LoadedPolicy = baseline if i == 0 else load_policy(src, device, dtype)
+        prompts = prompt_sets[(src.tokenizer_path, src.kind)]
+        kl_ok = i == 0 or (policy.kind == baseline.kind and same_vocabulary(policy.tokenizer, baseline.tokenizer))
+        if not kl_ok and is_main:
+            log.warning("policy %s does not share the baseline's vocabulary: no KL to it", src.label)
+        kl_available.append(kl_ok)
+        for c in mine:
+            idx = list(range(starts[c], min(starts[c] + settings.batch_size, n)))
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(chunk_seed(settings.seed, c))
+                rollout = generate_rollouts(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
+                                            settings.max_new_tokens, device)
+            responses = decode_responses(policy.tokenizer, rollout)
+            if i == 0:
+                kl = [0.0] * len(idx)
+            elif kl_ok:
+                kl = (sequence_logprob(policy.lm, policy.kind, rollout, temperature)
+                      - sequence_logprob(baseline.lm, baseline.kind, rollout, temperature)).tolist()
+            else:
+                kl = [None] * len(idx)
+            lengths = rollout.response_mask.sum(1).tolist()
+            ended = rollout.ended.tolist()
+            for k, j in enumerate(idx):
+                records.append({"policy": i, "index": j, "chunk": c, "response": responses[k],
+                                "response_tokens": int(lengths[k]), "ended": bool(ended[k]), "kl": kl[k]})
+            bar.update()
+        if i:
+            del policy
+            gc.collect()  # free this policy before the next one loads (matters for large models)
+    del baseline
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    t_generate = time.perf_counter() - t0
+
+    # ---- score: reward terms and toxicity -------------------------------------------------------------------
+    t0 = time.perf_counter()
+    # Every classifier on this rank's device (the recipe's per-term devices are for training layouts).
+    terms = [RewardTerm(t, path, device, torch.float32) for t, path in zip(cfg.reward.terms, reward_paths)]
+    toxicity, tox_info = _toxicity_classifier(cfg, settings, terms, tox_path, device)
+    by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in records:
+        by_key.setdefault((r["policy"], r["chunk"]), []).append(r)
+    for i, src in enumerate(sources):
+        prompts = prompt_sets[(src.tokenizer_path, src.kind)]
+        for c in mine:
+            recs = by_key[(i, c)]
+            scored = score_responses(terms, toxicity, [prompts.texts[r["index"]] for r in recs],
+                                     [r["response"] for r in recs])
+            for k, r in enumerate(recs):
+                r["reward"] = scored["reward"][k]
+                r["terms"] = [s[k] for s in scored["terms"]]
+                r["toxicity"] = scored["toxicity"][k] if scored["toxicity"] is not None else None
+            bar.update()
+    bar.close()
+    term_names = [f"{t.cfg.model}/{t.cfg.label}" for t in terms]
+    term_info = [{"name": name, **asdict(t.cfg), "path": path, "label_index": t.label_index,
+                  "window": t.max_length} for name, t, path in zip(term_names, terms, reward_paths)]
+    del terms, toxicity
+    t_score = time.perf_counter() - t0
+
+    # ---- gather and report ------------------------------------------------------------------------------
+    if world > 1:
+        from accelerate.utils import gather_object
+        records = gather_object(records)
+    accelerator.wait_for_everyone()
+    if not is_main:
+        accelerator.end_training()
+        return None
+    records.sort(key=lambda r: (r["policy"], r["index"]))
+    per_policy = [[r for r in records if r["policy"] == i] for i in range(len(sources))]
+    for i, recs in enumerate(per_policy):
+        if [r["index"] for r in recs] != list(range(n)):
+            raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
+    settings_out = {
+        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
+        "num_samples_used": n, "temperature_for_kl": temperature,
+        "dataset": cfg.data.dataset, "dataset_path": data_path, "template": cfg.data.template,
+        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": tox_info, "reward_terms": term_info,
+        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
+        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
+    }
+    result_metrics = compute_metrics(per_policy, first_prompts.references, sources, term_names, kl_available,
+                                     settings)
+    metrics_doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings_out,
+        "baseline": sources[0].label,
+        "policies": [{"label": s.label, "identity": s.identity(), "metrics": m}
+                     for s, m in zip(sources, result_metrics)],
+        "timing": {"generate_s": round(t_generate, 3), "score_s": round(t_score, 3),
+                   "total_s": round(time.perf_counter() - t_start, 3)},
+    }
+    samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, term_names)
+    if output_dir is not None:
+        from detoxrl.eval.report import write_report
+        write_report(Path(output_dir), metrics_doc, samples, run_dir)
+        log.info("evaluation written to %s", output_dir)
+    accelerator.end_training()
+    return EvalResult(metrics_doc, samples, Path(output_dir) if output_dir else None)
+
+
+def _eval_packages() -> dict[str, Optional[str]]:
+    import importlib.metadata
+
+    out = {}
+    for name in ("rouge-score", "matplotlib"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _toxicity_classifier(cfg: Config, settings: EvalSettings, terms: list[RewardTerm], tox_path: Optional[str],
+                         device: torch.device) -> tuple[Optional[tuple[RewardTerm, str]], dict[str, Any]]:
+    """The evaluation classifier and label: a named one, or the recipe's reward term `settings.term`."""
+    label = settings.toxic_label
+    if settings.classifier:
+        term_cfg = RewardTermConfig(model=settings.classifier, label=label, output="probability", score="response")
+        term = RewardTerm(term_cfg, tox_path, device, torch.float32)  # an unknown label fails here, listing labels
+        return (term, label), {"classifier": settings.classifier, "path": tox_path, "label": label,
+                               "label_index": term.label_index, "from_reward_term": None}
+    if not 0 <= settings.term < len(terms):
+        raise ValueError(f"toxicity term {settings.term} does not exist (the recipe has {len(terms)} reward terms)")
+    term = terms[settings.term]
+    info = {"classifier": term.cfg.model, "path": None, "label": label, "from_reward_term": settings.term}
+    try:
+        info["label_index"] = resolve_label(term.model.config.id2label, label, term.cfg.model)
+    except ValueError as err:
+        if settings.toxicity_required:
+            raise
+        log.warning("no toxicity: %s. Name the classifier's toxic label with --toxic-label (or another classifier "
+                    "with --classifier)", err)
+        return None, {**info, "skipped": str(err)}
+    return (term, label), info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics and the sample table (main process, from the gathered per-sample records)
+# --------------------------------------------------------------------------------------------------------------
+def compute_metrics(per_policy: list[list[dict[str, Any]]], references: list[Optional[str]],
+                    sources: list[PolicySource], term_names: list[str], kl_available: list[bool],
+                    settings: EvalSettings) -> list[dict[str, Any]]:
+    has_refs = bool(references) and all(r is not None for r in references)
+    base = per_policy[0]
+    out = []
+    for i, recs in enumerate(per_policy):
+        responses = [r["response"] for r in recs]
+        rewards = np.array([r["reward"] for r in recs])
+        m: dict[str, Any] = {"num_samples": len(recs)}
+        if recs[0]["toxicity"] is not None:
+            tox = np.array([r["toxicity"] for r in recs])
+            m["toxicity"] = {**M.summary(tox), "share_above_0.5": float((tox > 0.5).mean())}
+        else:
+            m["toxicity"] = None
+        m["reward"] = M.summary(rewards)
+        m["reward_terms"] = {name: M.summary([r["terms"][k] for r in recs]) for k, name in enumerate(term_names)}
+        if has_refs:
+            rouge = M.rouge_per_sample(responses, [str(x) for x in references])
+            m["rouge"] = {k: float(np.mean(v)) for k, v in rouge.items()}
+        else:
+            m["rouge"] = None
+        m["response_length"] = {"mean_tokens": float(np.mean([r["response_tokens"] for r in recs])),
+                                "mean_words": float(np.mean([len(t.split()) for t in responses])),
+                                "ended_share": float(np.mean([r["ended"] for r in recs]))}
+        m["distinct"] = {f"distinct_{k}": M.distinct_n(responses, k) for k in (1, 2, 3)}
+        m["duplicate_share"] = M.duplicate_share(responses)
+        m["kl_to_baseline"] = M.summary([r["kl"] for r in recs]) if kl_available[i] else None
+        if i > 0:
+            m["vs_baseline"] = _comparison(base, recs, settings, i)
+        out.append(m)
+    return out
+
+
+def _comparison(base: list[dict[str, Any]], recs: list[dict[str, Any]], settings: EvalSettings,
+                i: int) -> dict[str, Any]:
+    # the same resamples for every policy (common random numbers): identical samples give identical intervals
+    boot = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed)
+    out: dict[str, Any] = {}
+    if base[0]["toxicity"] is not None and recs[0]["toxicity"] is not None:
+        a = np.array([r["toxicity"] for r in base])
+        b = np.array([r["toxicity"] for r in recs])
+        out["toxicity_mean_improvement"] = M.paired_bootstrap(a, b, M.mean_improvement, **boot)
+        out["toxicity_std_improvement"] = M.paired_bootstrap(a, b, M.std_improvement, **boot)
+    a = np.array([r["reward"] for r in base])
+    b = np.array([r["reward"] for r in recs])
+    out["reward_mean_change"] = M.paired_bootstrap(a, b, M.mean_difference, **boot)
+    return out
+
+
+def sample_rows(per_policy: list[list[dict[str, Any]]], prompts: list[str], references: list[Optional[str]],
+                sources: list[PolicySource], term_names: list[str]) -> list[dict[str, Any]]:
+    """One row per prompt: the prompt, the reference, each policy's response and scores, and each policy's
+    differences to the baseline; sorted by the last policy's reward difference, largest first (as the seeds)."""
+    has_refs = any(r is not None for r in references)
+    labels = [s.label for s in sources]
+    rows = []
+    for j, prompt in enumerate(prompts):
+        row: dict[str, Any] = {"index": j, "prompt": prompt}
+        if has_refs:
+            row["reference"] = references[j]
+        for i, label in enumerate(labels):
+            r = per_policy[i][j]
+            row[f"response_{label}"] = r["response"]
+            row[f"reward_{label}"] = r["reward"]
+            if len(term_names) > 1:
+                for k, name in enumerate(term_names):
+                    row[f"term{k}_{label}"] = r["terms"][k]
+            if r["toxicity"] is not None:
+                row[f"toxicity_{label}"] = r["toxicity"]
+            if r["kl"] is not None:
+                row[f"kl_{label}"] = r["kl"]
+        for i, label in enumerate(labels[1:], start=1):
+            row[f"reward_diff_{label}"] = per_policy[i][j]["reward"] - per_policy[0][j]["reward"]
+            if per_policy[i][j]["toxicity"] is not None and per_policy[0][j]["toxicity"] is not None:
+                row[f"toxicity_diff_{label}"] = per_policy[i][j]["toxicity"] - per_policy[0][j]["toxicity"]
+        rows.append(row)
+    if len(labels) > 1:
+        key = f"reward_diff_{labels[-1]}"
+        rows.sort(key=lambda r: (-r[key], r["index"]))
+    return rows

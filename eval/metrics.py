@@ -1,0 +1,97 @@
+"""Pure metric functions over per-sample arrays: summary statistics, paired bootstrap intervals, ROUGE, distinct-n.
+
+Everything here takes plain lists / numpy arrays of one policy's samples (in prompt order), so the numbers depend
+only on the samples, never on how the work was split across processes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1, as torch's `.std()` in the trainer's before/after)."""
+    x = np.asarray(values, dtype=np.float64)
+    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0}
+
+
+def relative_improvement(baseline: float, value: float) -> Optional[float]:
+    """(baseline - value) / |baseline|: positive when `value` is lower (less toxic, less spread). None if 0."""
+    if baseline == 0:
+        return None
+    return (baseline - value) / abs(baseline)
+
+
+def paired_bootstrap(baseline: np.ndarray, other: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], float],
+                     n_resamples: int, confidence: float, seed: int) -> dict[str, Optional[float]]:
+    """Point estimate and percentile confidence interval of `statistic(baseline, other)`.
+
+    The two arrays are paired (same prompts, same order); each resample draws prompt indices with replacement and
+    applies them to both, so prompt difficulty cancels out. Resamples where the statistic is undefined (None) are
+    dropped; the interval is None if fewer than half remain.
+    """
+    baseline, other = np.asarray(baseline, np.float64), np.asarray(other, np.float64)
+    if baseline.shape != other.shape:
+        raise ValueError(f"paired bootstrap needs equal lengths, got {baseline.shape} and {other.shape}")
+    point = statistic(baseline, other)
+    out: dict[str, Optional[float]] = {"value": point, "ci_low": None, "ci_high": None,
+                                       "confidence": confidence, "resamples": n_resamples}
+    if n_resamples <= 0 or baseline.size < 2 or point is None:
+        return out
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, baseline.size, size=(n_resamples, baseline.size))
+    stats = [statistic(baseline[i], other[i]) for i in idx]
+    stats = np.array([s for s in stats if s is not None and np.isfinite(s)], dtype=np.float64)
+    if stats.size < n_resamples / 2:
+        return out
+    alpha = (1.0 - confidence) / 2.0
+    out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(stats, [alpha, 1.0 - alpha]))
+    return out
+
+
+def mean_improvement(baseline: np.ndarray, other: np.ndarray) -> Optional[float]:
+    return relative_improvement(float(np.mean(baseline)), float(np.mean(other)))
+
+
+def std_improvement(baseline: np.ndarray, other: np.ndarray) -> Optional[float]:
+    return relative_improvement(float(np.std(baseline, ddof=1)), float(np.std(other, ddof=1)))
+
+
+def mean_difference(baseline: np.ndarray, other: np.ndarray) -> float:
+    return float(np.mean(other) - np.mean(baseline))
+
+
+def distinct_n(texts: Sequence[str], n: int) -> Optional[float]:
+    """Unique word n-grams / all word n-grams over all responses (corpus level). Low = repetitive output."""
+    total, unique = 0, set()
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else None
+
+
+def duplicate_share(texts: Sequence[str]) -> float:
+    """Share of responses that repeat an earlier response exactly (mode collapse shows up here first)."""
+    return 1.0 - len(set(texts)) / len(texts) if texts else 0.0
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_per_sample(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measures per sample (Google's `rouge-score`, Porter stemming, as in most papers)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:  # pragma: no cover - the `eval` extra installs it
+        raise ImportError("ROUGE needs the `rouge-score` package: pip install 'detoxrl[eval]'") from err
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    out: dict[str, list[float]] = {k: [] for k in ROUGE_TYPES}
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)
+        for k in ROUGE_TYPES:
+            out[k].append(float(scores[k].fmeasure))
+    return out
