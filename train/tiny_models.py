@@ -586,6 +586,29 @@ def train_classifier(
     return {"train_accuracy": correct / len(texts), "final_loss": sum(tail) / len(tail), "steps": total}
 
 
+def _fine_tune(model, model_dir: Path, n_examples: int, collate, steps: int, lr: float, batch_size: int,
+               seed: int) -> dict:
+    """The SFT loop shared by the seq2seq and causal builders: AdamW, warmup + decay, clipping; saves in place."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, steps // 20)))
+    model.train()
+    losses = []
+    for idx in _batches(n_examples, batch_size, gen, steps=steps):
+        ids, mask, lab = collate(idx)
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(str(model_dir))
+    tail = losses[-max(1, min(20, len(losses))):]
+    return {"final_loss": sum(tail) / len(tail), "steps": steps}
+
+
 @_rng_guarded
 def sft_seq2seq(
     model_dir,
@@ -625,24 +648,7 @@ def sft_seq2seq(
             lab[k, : len(b)] = torch.tensor(b)
         return ids, mask, lab
 
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, steps // 20)))
-    model.train()
-    losses = []
-    for idx in _batches(len(sources), batch_size, gen, steps=steps):
-        ids, mask, lab = collate(idx)
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    model.eval()
-    model.save_pretrained(str(model_dir))
-    tail = losses[-max(1, min(20, len(losses))):]
-    return {"final_loss": sum(tail) / len(tail), "steps": steps}
+    return _fine_tune(model, model_dir, len(sources), collate, steps, lr, batch_size, seed)
 
 
 @_rng_guarded
@@ -680,24 +686,7 @@ def sft_causal(
             lab[k, : len(s)] = torch.tensor(s)
         return ids, mask, lab
 
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, steps // 20)))
-    model.train()
-    losses = []
-    for idx in _batches(len(ids_all), batch_size, gen, steps=steps):
-        ids, mask, lab = collate(idx)
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    model.eval()
-    model.save_pretrained(str(model_dir))
-    tail = losses[-max(1, min(20, len(losses))):]
-    return {"final_loss": sum(tail) / len(tail), "steps": steps}
+    return _fine_tune(model, model_dir, len(ids_all), collate, steps, lr, batch_size, seed)
 
 
 # --------------------------------------------------------------------------- demo assets
