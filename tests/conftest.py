@@ -62,3 +62,14 @@ def causal_demo(demo_assets, tmp_path_factory) -> dict[str, Path]:
     build_gpt2(root / "policy", tok, n_positions=256, seed=0, dropout=0.0)
     sft_causal(root / "policy", texts, steps=300, lr=3e-3, batch_size=16, seed=0, max_length=128)
     return {"policy": root / "policy", "reward": demo_assets["reward"], "data": demo_assets["data"]}
+
+
+@pytest.fixture(scope="session")
+def shipped_demo_run(demo_assets, tmp_path_factory):
+    """The demo recipe exactly as shipped, trained once per session: (RunResult, run_dir)."""
+    from detoxrl.train.config import load_config
+    from detoxrl.train.loop import train
+
+    out = tmp_path_factory.mktemp("shipped_demo")
+    cfg = load_config(REPO / "configs/ppo/demo.yaml", [f"run.output_dir={out}", "logging.progress_bar=false"])
+    return train(cfg), out

@@ -254,17 +254,18 @@ def test_response_is_scored_when_the_prompt_is_longer_than_the_classifier_window
 
 # ---- the demo's claim ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_eval_of_the_demo_run_shows_the_improvement_the_demo_claims(demo_assets, tmp_path):
-    """The demo recipe as shipped, then `detoxrl-eval` on it: toxicity clearly down (the demo claims after < 0.7 x
-    before), with a bootstrap interval above zero, the reward up, and a measured KL to the start."""
-    run_dir = tmp_path / "demo"
-    train(load_config(RECIPES / "demo.yaml", [f"run.output_dir={run_dir}", "logging.progress_bar=false"]))
+def test_eval_of_the_demo_run_shows_the_improvement_the_demo_claims(shipped_demo_run, tmp_path):
+    """The demo recipe as shipped, then `detoxrl-eval` on it: toxicity clearly down (the README claims about -90%;
+    checked as after < 0.5 x before), with a bootstrap interval above zero, the reward up, a measured KL to the
+    start, and summaries that are still summaries (ROUGE-L kept within 30% of the start's)."""
+    _, run_dir = shipped_demo_run
     run = RunContext.load(run_dir)
     settings = settings_from_config(run.cfg, progress=False)
     result = evaluate(run.cfg, [resolve_policy("start", run), resolve_policy("final", run)], settings,
-                      run_dir / "eval", run_dir)
+                      tmp_path / "eval", run_dir)
     start, final = [p["metrics"] for p in result.metrics["policies"]]
-    assert final["toxicity"]["mean"] < 0.7 * start["toxicity"]["mean"], (start["toxicity"], final["toxicity"])
+    assert final["toxicity"]["mean"] < 0.5 * start["toxicity"]["mean"], (start["toxicity"], final["toxicity"])
+    assert final["rouge"]["rougeL"] > 0.7 * start["rouge"]["rougeL"], (start["rouge"], final["rouge"])
     imp = final["vs_baseline"]["toxicity_mean_improvement"]
     assert imp["value"] > 0.3 and imp["ci_low"] > 0, imp
     assert final["vs_baseline"]["reward_mean_change"]["ci_low"] > 0
@@ -272,7 +273,7 @@ def test_eval_of_the_demo_run_shows_the_improvement_the_demo_claims(demo_assets,
     assert start["rouge"]["rougeL"] > 0 and final["rouge"]["rougeL"] > 0
     # the trainer measured the same direction on the same held-out prompts
     ba = json.loads((run_dir / "eval_before_after.json").read_text())
-    assert ba["after"]["toxicity_mean"] < 0.7 * ba["before"]["toxicity_mean"]
+    assert ba["after"]["toxicity_mean"] < 0.5 * ba["before"]["toxicity_mean"]
 
 
 # ---- 2 processes -------------------------------------------------------------------------------------------
