@@ -1000,7 +1000,7 @@ def build_test_models(root: Path) -> dict[str, Path]:
         with torch.no_grad():
             for name, p in sorted(peft_model.named_parameters()):
                 if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                    p.copy_(torch.randn(p.shape, generator=gen) * 2.0)  # large: the untrained base is small-scale
         out["t5_sft_adapter"] = root / "t5_sft_adapter"
         peft_model.save_pretrained(str(out["t5_sft_adapter"]))
     return out
