@@ -4,28 +4,41 @@
         adapter_config.json, adapter_model.safetensors   the trainable LoRA adapter (PeftModel.from_pretrained loads it)
         value_head.safetensors                           the value head
         optimizer.pt, scheduler.pt                       torch state dicts (tensors only; loaded with weights_only)
+        engine/                                          DeepSpeed runs, instead of optimizer.pt: the engine's own
+                                                         checkpoint (every rank's ZeRO shard of the optimizer states
+                                                         and fp32 weights) and engine.json (ZeRO stage, world size);
+                                                         the adapter above is still the full, consolidated one
         rng/rank-00000.pt ...                            every rank's RNG states
         trainer_state.json                               step, samples seen, data position, KL controller, reward
                                                          statistics, config hash, resolved config, package versions
-        COMPLETE                                         written last; a folder without it is never resumed from
+        COMPLETE                                         written last (after every file is fsynced): JSON with
+                                                         the step and each file's size; a folder without it, or
+                                                         whose files do not match it, is never resumed from
 
-A checkpoint is written to `step-NNNNNN.tmp`, then renamed: a crash mid-write leaves only a `.tmp` folder, which
-is ignored and cleaned up. Assumes `output_dir` is on a filesystem every rank sees (as on any cluster).
+A checkpoint is written to `step-NNNNNN.tmp`, then renamed: a crash (even SIGKILL) mid-write leaves only a `.tmp`
+folder, which is ignored and cleaned up; an old folder being replaced or pruned is first renamed to `.old`. So the
+newest complete checkpoint survives a kill at any moment. Assumes `output_dir` is on a filesystem every rank sees
+(as on any cluster).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from detoxrl.train.config import Config, to_dict
+from detoxrl.train.distributed import gathered_trainable, zero_stage
 from detoxrl.train.tracking import write_json
 
 log = logging.getLogger("detoxrl.checkpoint")
@@ -36,7 +49,7 @@ COMPLETE = "COMPLETE"
 # Keys that may change between a checkpoint and its resume without changing the maths.
 HARMLESS_PREFIXES = ("run.total_steps", "run.output_dir", "run.max_nonfinite_steps", "logging.", "checkpoint.",
                      "evaluation.", "reward.terms.*.device", "reward.terms.*.batch_size", "reference.device",
-                     "generation.rollout_batch_size", "run.device")
+                     "generation.rollout_batch_size", "run.device", "generation.zero3_gather_weights")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -64,7 +77,10 @@ def load_policy_files(policy, folder: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # legacy global numpy RNG (third-party code uses it)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                       "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -73,8 +89,42 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+ENGINE = "engine"
+ENGINE_TAG = "state"
+
+
+def save_engine_state(accelerator, engine, folder: Path) -> None:
+    """Collective (DeepSpeed): every rank writes its ZeRO shard of the optimizer states and fp32 master weights.
+    Frozen base weights are left out (they are the pretrained model's)."""
+    engine.save_checkpoint(str(folder / ENGINE), tag=ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False)
+    if accelerator.is_main_process:
+        write_json(folder / ENGINE / "engine.json", {"zero_stage": zero_stage(accelerator),
+                                                     "world_size": accelerator.num_processes})
+
+
+def load_engine_state(accelerator, engine, folder: Path) -> None:
+    """Collective (DeepSpeed): restore trainable weights, fp32 master weights and optimizer states of this rank.
+    ZeRO shards fit only the same stage and number of processes: anything else is refused with the reason."""
+    now = {"zero_stage": zero_stage(accelerator), "world_size": accelerator.num_processes}
+    saved = json.loads((folder / ENGINE / "engine.json").read_text()) if (folder / ENGINE).is_dir() else None
+    if saved != now:
+        def strategy(d: Optional[dict]) -> str:
+            if not d or d["zero_stage"] is None:
+                return "without DeepSpeed"
+            return f"under DeepSpeed ZeRO-{d['zero_stage']} on {d['world_size']} process(es)"
+
+        raise ValueError(f"checkpoint {folder} was written {strategy(saved)}, this run is {strategy(now)}: "
+                         f"optimizer states are sharded differently, so it can only be resumed with the strategy "
+                         f"and number of processes that wrote it (its adapter folder loads anywhere)")
+    engine.load_checkpoint(str(folder / ENGINE), tag=ENGINE_TAG, load_module_strict=False,
+                           load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: dict[str, Any], root: Path,
@@ -88,20 +138,55 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: di
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
+    deepspeed = zero_stage(accelerator) is not None
+    with gathered_trainable(accelerator, policy):  # collective under ZeRO-3; rank 0 writes the full adapter
+        if accelerator.is_main_process:
+            save_policy_files(accelerator.unwrap_model(policy), tmp)
+    if deepspeed:
+        save_engine_state(accelerator, policy, tmp)
     if accelerator.is_main_process:
-        save_policy_files(accelerator.unwrap_model(policy), tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if os.environ.get("DETOXRL_TEST_CHECKPOINT_DELAY"):  # test hook: widen the window a kill -9 can land in
+            time.sleep(float(os.environ["DETOXRL_TEST_CHECKPOINT_DELAY"]))
+        if not deepspeed:  # (a DeepSpeed optimizer's state_dict would be rank 0's shard only)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         write_json(tmp / "trainer_state.json", trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / COMPLETE).write_text(f"step {step}\n")
-        if final.exists():
-            shutil.rmtree(final)
+        write_complete_marker(tmp, step)
+        if final.exists():  # replacing a folder of the same step: never leave a moment with neither of them
+            final.rename(final.with_name(final.name + ".old"))
         tmp.rename(final)
+        _fsync(root)
+        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def write_complete_marker(folder: Path, step: int) -> None:
+    """Flush every file to disk, then write COMPLETE listing them with their sizes (a node crash or a truncated
+    copy is then detected, not only a killed process)."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            _fsync(p)
+    for d in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync(d)
+    (folder / COMPLETE).write_text(json.dumps({"step": step, "files": _file_sizes(folder)}, indent=1) + "\n")
+    _fsync(folder / COMPLETE)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -118,16 +203,25 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def prune(root: Path, keep_last: int) -> None:
     for _, p in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        old = p.with_name(p.name + ".old")  # renamed first: a kill mid-delete leaves no half folder named step-N
+        p.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def is_valid(folder: Path) -> Optional[str]:
     """None if the checkpoint looks loadable, else the reason it is not."""
+    optimizer_file = f"{ENGINE}/engine.json" if (folder / ENGINE).is_dir() else "optimizer.pt"
     for name in (COMPLETE, "trainer_state.json", "adapter_model.safetensors", "adapter_config.json",
-                 "value_head.safetensors", "optimizer.pt", "scheduler.pt"):
+                 "value_head.safetensors", optimizer_file, "scheduler.pt"):
         if not (folder / name).is_file():
-            return f"missing {name}"
+            return f"missing {name}" + (" (interrupted while being written?)" if name == COMPLETE else "")
     try:
+        marker = (folder / COMPLETE).read_text()
+        expected = json.loads(marker)["files"] if marker.lstrip().startswith("{") else {}  # older: "step N"
+        actual = _file_sizes(folder)
+        for name, size in expected.items():
+            if actual.get(name) != size:
+                return f"{name} is {'missing' if name not in actual else f'{actual[name]} bytes, not {size}'}"
         json.loads((folder / "trainer_state.json").read_text())
         load_file(str(folder / "value_head.safetensors"))
         load_file(str(folder / "adapter_model.safetensors"))
@@ -147,10 +241,18 @@ def find_resume_checkpoint(root: Path, resume: str, is_main: bool) -> Optional[P
             raise FileNotFoundError(f"checkpoint.resume={resume}: not a usable checkpoint ({reason})")
         return path
     if is_main and root.is_dir():
-        for p in root.glob("step-*.tmp"):
+        for p in sorted(root.glob("step-*.old")):  # left by a kill while a folder was being replaced or pruned
+            shutil.rmtree(p, ignore_errors=True)
+        for p in sorted(root.glob("step-*.tmp")):
+            final = p.with_name(p.name[:-len(".tmp")])
+            if not final.exists() and is_valid(p) is None:  # killed between COMPLETE and the rename
+                p.rename(final)
+                continue
             log.warning("removing incomplete checkpoint %s (interrupted while being written)", p)
             shutil.rmtree(p, ignore_errors=True)
-    for _, path in reversed(list_checkpoints(root)):
+    candidates = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+                        if (m := STEP_RE.match(p.name)) and p.is_dir())
+    for _, path in reversed(candidates):
         reason = is_valid(path)
         if reason is None:
             return path
@@ -180,19 +282,33 @@ def _harmless(key: str) -> bool:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose change alters the maths (harmless ones such as total_steps or logging are ignored)."""
-    a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _harmless(k))
+    """Keys whose change alters the maths (harmless ones such as total_steps or logging are ignored). A key the
+    checkpoint's (older) detoxrl did not have yet counts only if it is set to something else than its default; a
+    key this version no longer has does not count."""
+    a, b, defaults = _flatten(saved), _flatten(current), _flatten(to_dict(Config()))
+
+    def changed(k: str) -> bool:
+        if k not in b:
+            return False
+        if k not in a:
+            return b[k] != defaults.get(re.sub(r"\.\d+\.", ".0.", k), object())
+        return a[k] != b[k]
+
+    return sorted(k for k in set(a) | set(b) if changed(k) and not _harmless(k))
 
 
 def load_checkpoint(path: Path, accelerator, policy, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the trainer state."""
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the trainer state (with `rng_restored`)."""
     state = json.loads((path / "trainer_state.json").read_text())
-    load_policy_files(accelerator.unwrap_model(policy), path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if zero_stage(accelerator) is not None or (path / ENGINE).is_dir():
+        load_engine_state(accelerator, policy, path)  # weights live in the engine's fp32 partitions too
+    else:
+        load_policy_files(accelerator.unwrap_model(policy), path)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / "rng" / f"rank-{accelerator.process_index:05d}.pt"
-    if state.get("world_size") == accelerator.num_processes and rng_file.is_file():
+    state["rng_restored"] = state.get("world_size") == accelerator.num_processes and rng_file.is_file()
+    if state["rng_restored"]:
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         log.warning("resuming on %d process(es) from a checkpoint written by %s: the run continues correctly, but "

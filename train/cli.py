@@ -14,14 +14,28 @@ from pathlib import Path
 from detoxrl.train.config import ConfigError, load_config, to_yaml
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "demo_recipe.yaml"
+# 75 = EX_TEMPFAIL ("temporary failure, try again"): running the same command again resumes.
+EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_STOPPED, EXIT_ABORTED = 2, 3, 75, 130
+
+EPILOG = f"""\
+overrides: section.key=value (YAML values), e.g. ppo.kl.target=3 'reward.terms.0.label=nothate'
+  generation.max_new_tokens_range=[100,400]. Every key is documented in docs/CONFIG.md.
+
+resume: a run continues from the newest complete checkpoint in run.output_dir/checkpoints
+  (checkpoint.resume=auto, the default); checkpoint.resume=never starts afresh; a path picks one.
+
+stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 make every process finish the current step, write a
+  checkpoint and exit with status {EXIT_STOPPED}; run the same command again to resume. A second Ctrl-C
+  aborts at once (status {EXIT_ABORTED}); a kill -9 loses only the steps since the last checkpoint.
+
+exit status: 0 finished; {EXIT_CONFIG_ERROR} config error; {EXIT_NONFINITE} too many non-finite losses;
+  {EXIT_STOPPED} stopped by a signal after writing a checkpoint; {EXIT_ABORTED} aborted by a second Ctrl-C."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="detoxrl-train", description="PPO fine-tuning of a LoRA policy against frozen "
                                 "reward classifiers. Without --config it runs the offline demo.",
-                                epilog="Overrides: section.key=value (YAML values), e.g. ppo.kl.target=3 "
-                                "'reward.terms.0.label=nothate' generation.max_new_tokens_range=[100,400]. "
-                                "Every key is documented in docs/CONFIG.md.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--config", type=Path, default=None, help="YAML recipe (default: the offline demo recipe)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the YAML file")
@@ -34,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or DEMO_RECIPE, args.overrides)
     except ConfigError as err:
         print(f"detoxrl-train: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
@@ -44,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except NonFiniteLossError as err:
         print(f"detoxrl-train: {err}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except KeyboardInterrupt as err:
+        print(f"detoxrl-train: aborted ({err or 'Ctrl-C'}); steps since the last checkpoint are lost", file=sys.stderr)
+        return EXIT_ABORTED
+    if not result.is_main:  # one summary line per run, not one per rank
+        return EXIT_STOPPED if result.stopped_by else 0
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} after step {result.steps_done}; checkpoint written, run the same "
+              f"command again to resume")
+        return EXIT_STOPPED
     print(f"done: {result.steps_done} steps; adapter + value head in {result.final_dir}")
     return 0
 

@@ -21,6 +21,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from detoxrl.launch.devices import DEVICE_RE
+
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the key."""
@@ -81,6 +83,9 @@ class PolicyConfig:
     """Allow model code from the hub. Off unless you trust the repository."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    quantization: Optional[Literal["8bit", "4bit"]] = None
+    """Load the frozen base weights (policy and reference copy) in 8-bit or 4-bit NF4 with bitsandbytes, LoRA and the
+    value head on top in full precision. GPU only (`pip install bitsandbytes`); not with DeepSpeed ZeRO-3."""
 
 
 @dataclass
@@ -90,7 +95,8 @@ class ReferenceConfig:
     (or, when starting from an SFT adapter, a frozen second copy of that adapter on the same base). `copy`: a
     separate frozen model (base + starting adapter merged) on `device`."""
     device: str = "auto"
-    """For `copy`: `auto` (the policy's device), `cpu`, or `cuda:N`."""
+    """For `copy`: `auto` (a GPU no training rank uses, if any: the first after the training ranks; else the
+    rank's own device), `cpu`, or `cuda:N`. Runs under inference mode in the policy's dtype."""
 
 
 @dataclass
@@ -104,7 +110,10 @@ class RewardTermConfig:
     weight: float = 1.0
     """Weight of this term in the total reward (total = sum of weight * term)."""
     device: str = "auto"
-    """Device of this classifier: `auto` (the policy's device), `cpu`, or `cuda:N`."""
+    """Device of this classifier: `auto` (a GPU no training rank uses, if any: the first after the training ranks;
+    else the rank's own device), `cpu`, or `cuda:N`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Classifier weights dtype: `auto` is the policy's dtype on a GPU and float32 on the CPU."""
     batch_size: int = 32
     """Texts per forward pass (texts are sorted by length first to limit padding)."""
     max_length: Optional[int] = None
@@ -170,6 +179,10 @@ class GenerationConfig:
     """`[lo, hi]`: draw the maximum response length per rollout batch uniformly from lo..hi (the seeds' 100..400)."""
     rollout_batch_size: int = 64
     """Prompts per `generate()` call (chunks the step's batch to bound memory)."""
+    zero3_gather_weights: bool = True
+    """Under DeepSpeed ZeRO-3: gather the full policy on every rank once per rollout (fast; the whole model must fit
+    on one GPU for the duration). False: generate on the sharded model with `synced_gpus` (parameters fetched layer
+    by layer for every token: slow, least memory)."""
 
 
 @dataclass
@@ -253,7 +266,8 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
-    """Save a checkpoint every N steps (0 = only the final adapter)."""
+    """Save a checkpoint every N steps and at the end (0 = none; the final adapter is saved anyway). A stop signal
+    (SIGTERM, SIGINT, SIGUSR1) always writes one."""
     resume: str = "auto"
     """`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path."""
     keep_last: int = 2
@@ -435,6 +449,11 @@ def validate(cfg: Config) -> None:
         _check(t.batch_size >= 1, f"reward.terms.{i}.batch_size", "must be >= 1")
         _check(t.max_length is None or t.max_length >= 8, f"reward.terms.{i}.max_length", "must be >= 8 or null")
     _check(rw.clip is None or rw.clip > 0, "reward.clip", "must be > 0 or null")
+    for key, name in [(f"reward.terms.{i}.device", t.device) for i, t in enumerate(rw.terms)] + [
+            ("reference.device", cfg.reference.device)]:
+        _check(bool(DEVICE_RE.match(name)), key, f"{name!r} is not a device; use auto, cpu or cuda:N")
+    _check(cfg.policy.quantization is None or r.device != "cpu", "policy.quantization",
+           "bitsandbytes 8/4-bit weights need a GPU; remove it or set run.device=auto on a GPU machine")
     _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _check(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
     c = cfg.checkpoint

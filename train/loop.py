@@ -8,8 +8,12 @@
         4. reference    log-probs under the frozen reference; old log-probs and values under the policy
         5. advantages   per-token -beta*KL + score on the last token; GAE; whitening over the global batch
         6. PPO epochs   clipped policy + value losses over shuffled mini-batches with gradient accumulation
-        7. bookkeeping  KL controller, metrics (reduced over ranks), samples, checkpoint
+        7. bookkeeping  KL controller, metrics (reduced over ranks), samples, checkpoint, stop request
     finish: final adapter + value head, before/after evaluation
+
+SIGTERM, SIGINT and SIGUSR1 ask for a clean stop: every rank finishes the current step, the ranks agree on it at
+the step boundary, write a checkpoint together, and `train` returns with `stopped_by` set (the CLI exits with
+status 75, cli.EXIT_STOPPED). Running the same command again resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ import json
 import logging
 import math
 import os
+import random
+import signal
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from detoxrl.launch.devices import gpu_index, place_auxiliary
 from detoxrl.train import assets, checkpoint as ckpt
-from detoxrl.train.config import Config, config_hash, to_dict, to_yaml
+from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
 from detoxrl.train.data import PromptSampler, build_prompts, load_rows
+from detoxrl.train.distributed import (accumulating, describe, fill_deepspeed_config, gathered_trainable,
+                                       generation_weights, make_accelerator, models_built_whole, zero_stage)
 from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, context_window, count_parameters,
                                   detect_kind, generate_rollouts, load_tokenizer, reference_logprobs, resolve_device,
                                   resolve_dtype)
@@ -46,6 +56,45 @@ class NonFiniteLossError(RuntimeError):
     """Too many PPO steps in a row produced a NaN/inf loss."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Records SIGTERM / SIGINT / SIGUSR1 so the loop stops at the next step boundary, after a checkpoint.
+
+    A second SIGINT aborts at once (KeyboardInterrupt), and so does a SIGTERM after a SIGINT: that is how torchrun
+    (`accelerate launch`) relays a second Ctrl-C to its workers. Repeated SIGTERM / SIGUSR1 are only logged: SLURM
+    and launchers often deliver one request twice (to the process and through its parent).
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self) -> Optional[str]:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.warning("received %s: finishing the current step, then writing a checkpoint and stopping (Ctrl-C "
+                        "again aborts at once)", self.name)
+        elif signum == signal.SIGINT or (signum == signal.SIGTERM and self.signum == signal.SIGINT):
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} after {self.name}: aborted")
+        else:
+            log.warning("received %s again: already stopping after this step", signal.Signals(signum).name)
+
+
 @dataclass
 class RunResult:
     output_dir: Path
@@ -54,22 +103,13 @@ class RunResult:
     metrics: list[dict[str, float]]           # metrics of the steps run in this process (main process only)
     evaluation: Optional[dict[str, Any]]      # before/after held-out figures when evaluation.before_after
     policy: Any = None                        # the trained PolicyWithValue (unwrapped), for in-process callers
+    stopped_by: Optional[str] = None
+    is_main: bool = True                      # False on every rank but the main process          # signal name when a stop request ended the run early (checkpointed)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------------------
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (see DESIGN.md). Only when
-    # launched with several processes: an explicit backend in a plain single process makes accelerate fail.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    return Accelerator(cpu=cfg.run.device == "cpu", kwargs_handlers=handlers)
-
-
 class PhaseTimer:
     """Wall seconds per phase; synchronises CUDA once per phase boundary so timings are honest."""
 
@@ -139,12 +179,13 @@ def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float) 
 
 
 def heldout_evaluation(policy, tokenizer, prompts: list[list[int]], prompt_texts: list[str], reward: RewardModel,
-                       cfg: Config, device: torch.device) -> dict[str, Any]:
+                       cfg: Config, device: torch.device, synced_gpus: bool = False) -> dict[str, Any]:
     """Mean toxicity and reward of held-out responses, sampled with a fixed seed (does not disturb training RNG)."""
     term = reward.terms[cfg.evaluation.term]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed + 12345)
-        rollout = generate_rollouts(policy, prompts, tokenizer, cfg.generation, cfg.generation.max_new_tokens, device)
+        rollout = generate_rollouts(policy, prompts, tokenizer, cfg.generation, cfg.generation.max_new_tokens, device,
+                                    synced_gpus)
     responses = decode_responses(tokenizer, rollout)
     toxicity = term.label_probability(responses, cfg.evaluation.toxic_label)
     total, _ = reward.score(prompt_texts, responses)
@@ -155,11 +196,173 @@ def heldout_evaluation(policy, tokenizer, prompts: list[list[int]], prompt_texts
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 6. The PPO update (a function of its own: the distributed equivalence test calls it on a fixed rollout)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class UpdateBatch:
+    """This rank's share of a step's rollouts, as the PPO update reads them; every tensor has B rows."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor             # (B, T) float: 1 on real response tokens
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@dataclass
+class UpdateResult:
+    stats: dict[str, list[float]]  # one entry per micro-batch (grad_norm: per optimizer step)
+    skipped: int                   # mini-batches skipped on every rank (non-finite loss, or ratio over threshold)
+    nonfinite: int                 # ... of which for a non-finite loss
+
+
+def micro_batch_loss(policy, batch: UpdateBatch, ids: torch.Tensor, ppo: PPOConfig,
+                     temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy; token means over `ids`."""
+    logits, values = policy(batch.prompt_ids[ids], batch.prompt_mask[ids], batch.response_ids[ids])
+    m = batch.mask[ids]
+    logp = logprobs_from_logits(logits, batch.response_ids[ids], temperature).float()
+    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[ids], batch.advantages[ids], m, ppo.clip_range)
+    vf_loss, vf_stats = value_loss(values.float(), batch.old_values[ids], batch.returns[ids], m, ppo.value_clip_range)
+    entropy = masked_mean(entropy_from_logits(logits.float()), m)
+    loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
+    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "loss": loss, "entropy": entropy,
+                  "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"],
+                  "vf_clipfrac": vf_stats["vf_clipfrac"], "ratio_mean": pg_stats["ratio_mean"]}
+
+
+def agree_to_skip(accelerator, loss: torch.Tensor, ratio_mean: torch.Tensor, threshold: float) -> tuple[bool, bool]:
+    """(skip, non-finite): whether ANY rank saw a non-finite loss or a mean ratio over `threshold`. One all-reduce,
+    so every rank takes the same decision and collectives stay in lock-step."""
+    flags = torch.tensor([float(not torch.isfinite(loss).item()), float(ratio_mean.item() > threshold)],
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags.sum().item() > 0), bool(flags[0].item() > 0)
+
+
+def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, ppo: PPOConfig, temperature: float,
+               shuffle_seed: int) -> UpdateResult:
+    """PPO epochs over shuffled mini-batches of this rank's rollouts; micro-batches accumulate gradients.
+
+    All ranks run the same mini-batches and micro-batches and take the same skip decisions. Each loss is a token
+    mean over the GLOBAL mini-batch (all ranks, all its micro-batches): the update is the same however the batch is
+    split across ranks and micro-batches (DDP and DeepSpeed average gradients over ranks, and accumulation divides by
+    the number of micro-batches, so a micro-batch's token mean is rescaled by its share of the global tokens).
+    """
+    deepspeed = zero_stage(accelerator) is not None
+    world, gas = accelerator.num_processes, ppo.gradient_accumulation_steps
+    micro = ppo.mini_batch_size // gas
+    params = [p for p in policy.parameters() if p.requires_grad]
+    reduce_fn = sum_reducer(accelerator)
+    stats: dict[str, list[float]] = {k: [] for k in (
+        "policy_loss", "value_loss", "loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac", "ratio_mean",
+        "grad_norm")}
+    skipped = nonfinite = 0
+    shuffle = torch.Generator().manual_seed(shuffle_seed)  # same on every rank
+    B = batch.response_ids.shape[0]
+    for _ in range(ppo.ppo_epochs):
+        order = torch.randperm(B, generator=shuffle).to(batch.mask.device)
+        minibatches = [order[s:s + ppo.mini_batch_size] for s in range(0, B, ppo.mini_batch_size)]
+        tokens = torch.stack([batch.mask[mb].sum() for mb in minibatches]).double()
+        global_tokens = (reduce_fn(tokens) if reduce_fn else tokens).tolist()  # one all-reduce per epoch
+        for mb, n_global in zip(minibatches, global_tokens):
+            micro_batches = [mb[s:s + micro] for s in range(0, len(mb), micro)]
+            bad = bad_nonfinite = False
+            # DeepSpeed cannot drop gradients it has already reduced part-way through an accumulation, so with
+            # several micro-batches the skip decision comes first, from a forward pass without gradients.
+            decide_first = deepspeed and gas > 1
+            if decide_first:
+                with torch.no_grad():
+                    for ids in micro_batches:
+                        loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature)
+                        bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
+                        if bad:
+                            break
+            for i, ids in enumerate(micro_batches):
+                if bad:
+                    break
+                with accumulating(accelerator, policy, boundary=i == len(micro_batches) - 1):
+                    loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature)
+                    if not decide_first:
+                        bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
+                        if bad:
+                            break
+                    share = batch.mask[ids].sum().item() * world * gas / n_global
+                    accelerator.backward(loss * share)  # / gas (accelerate or the engine); mean over ranks
+                for k, v in st.items():
+                    stats[k].append(float(v.detach()))
+            if bad:  # skip the whole mini-batch on every rank
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                nonfinite += int(bad_nonfinite)
+                continue
+            if deepspeed:  # the engine clipped (gradient_clipping) and stepped in the last backward
+                grad_norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or 0.0)
+            elif ppo.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm)
+            else:
+                grad_norm = None
+            if grad_norm is not None:
+                stats["grad_norm"].append(float(grad_norm))
+            optimizer.step()  # a no-op under DeepSpeed
+            if not optimizer.step_was_skipped:  # fp16 overflow: no update, so the schedule does not advance either
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return UpdateResult(stats, skipped, nonfinite)
+
+
+def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device], Optional[torch.device]]:
+    """Devices of the reward terms and of the reference copy (None when shared) for this rank (launch/devices.py)."""
+    copy_ref = cfg.reference.mode == "copy"
+    requested = [t.device for t in cfg.reward.terms] + ([cfg.reference.device] if copy_ref else [])
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0  # a CPU run keeps `auto` on the CPU
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    names = place_auxiliary(requested, n_gpus, local_ranks, str(device))
+    own = gpu_index(str(device))
+    for key, name in zip([f"reward.terms.{i}.device" for i in range(len(cfg.reward.terms))] + ["reference.device"],
+                         names):
+        other = gpu_index(name)
+        if other is not None and other < local_ranks and other != own:
+            log.warning("%s=%s is also the GPU of training rank %d of this machine; it competes with that rank for "
+                        "memory and time", key, name, other)
+    devices = [resolve_device(n, device) for n in names]
+    return devices[:len(cfg.reward.terms)], (devices[-1] if copy_ref else None)
+
+
+def build_rewards_on(cfg: Config, devices: list[torch.device], policy_dtype: torch.dtype) -> RewardModel:
+    """Every reward term on its own device, in its dtype (`auto`: the policy's on a GPU, float32 on the CPU)."""
+    terms = []
+    for t, dev in zip(cfg.reward.terms, devices):
+        dtype = resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (
+            policy_dtype if dev.type == "cuda" else torch.float32)
+        terms += build_reward([replace(t, device=str(dev))], lambda name, role: assets.resolve(name, role), dev,
+                              dtype=dtype).terms
+    return RewardModel(terms)
+
+
+def debug_record(name: str, record: dict[str, Any]) -> None:
+    """Test hook: with DETOXRL_DEBUG_DIR set, each rank appends JSON lines to <dir>/<name> (prompts, lengths...)."""
+    folder = os.environ.get("DETOXRL_DEBUG_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(folder) / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 def train(cfg: Config) -> RunResult:
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopRequest) -> RunResult:
     # ---- setup --------------------------------------------------------------------------------------------
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.run.device, cfg.ppo.gradient_accumulation_steps)
     if cfg.run.cpu_threads:  # after the accelerator, which sets its own count for multi-CPU runs
         torch.set_num_threads(cfg.run.cpu_threads)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -170,6 +373,8 @@ def train(cfg: Config) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)  # the same start whatever ran before in this process (resumes restore all three)
+    np.random.seed(cfg.run.seed)
 
     with accelerator.main_process_first():  # rank 0 builds the demo assets / downloads; others then read the cache
         policy_path = assets.resolve(cfg.policy.model, "policy")
@@ -183,18 +388,27 @@ def train(cfg: Config) -> RunResult:
     log.info("%d training prompts (%s, split %s), %d process(es), global batch %d", len(prompts), cfg.data.dataset,
              cfg.data.split, world, cfg.ppo.batch_size * world)
 
-    dtype = resolve_dtype(cfg.policy.dtype, device)
+    stage = zero_stage(accelerator)  # None unless DeepSpeed
+    if device.type == "cpu" and accelerator.mixed_precision != "no":
+        raise ValueError(f"mixed precision {accelerator.mixed_precision} was requested, but this run trains on the "
+                         f"CPU, which detoxrl does in float32: launch with --mixed_precision no")
+    if stage == 3 and cfg.policy.quantization:
+        raise ValueError("policy.quantization (bitsandbytes) cannot be combined with DeepSpeed ZeRO-3, which shards "
+                         "the weights: use the ddp or zero2 strategy")
+    dtype = resolve_dtype(cfg.policy.dtype, device, accelerator.mixed_precision)
     shared_ref = cfg.reference.mode == "shared"
-    policy = build_policy(cfg.policy, policy_path, kind, device, dtype, shared_ref, cfg.run.seed)
+    reward_devices, reference_device = place_models(cfg, device)
+    with models_built_whole(accelerator):
+        policy = build_policy(cfg.policy, policy_path, kind, device, dtype, shared_ref, cfg.run.seed)
+        reference = None if shared_ref else build_reference_copy(
+            cfg.policy, cfg.reference, policy_path, kind, reference_device, dtype)
+        reward = build_rewards_on(cfg, reward_devices, dtype)
     window = context_window(policy.lm.config) if kind == "causal" else None
     max_new = max(cfg.generation.max_new_tokens, (cfg.generation.max_new_tokens_range or [0, 0])[1])
     longest_prompt = max(len(p) for p in prompts.input_ids)
     if window is not None and longest_prompt + max_new > window:
         raise ValueError(f"prompt ({longest_prompt} tokens) + response ({max_new} tokens) exceeds the model's "
                          f"window of {window}; lower data.max_prompt_tokens or generation.max_new_tokens")
-    reference = None if shared_ref else build_reference_copy(
-        cfg.policy, cfg.reference, policy_path, kind, resolve_device(cfg.reference.device, device), dtype)
-    reward = build_reward(cfg.reward.terms, lambda name, role: assets.resolve(name, role), device)
     total_params, trainable_params = count_parameters(policy)
     log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, kind, dtype,
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
@@ -206,6 +420,10 @@ def train(cfg: Config) -> RunResult:
     minibatches = cfg.ppo.batch_size // cfg.ppo.mini_batch_size
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.run.total_steps * cfg.ppo.ppo_epochs * minibatches)
+    if stage is not None:
+        fill_deepspeed_config(accelerator, cfg.ppo.mini_batch_size, cfg.ppo.gradient_accumulation_steps,
+                              cfg.ppo.max_grad_norm, policy.v_head.in_features)
+    # the scheduler is NOT prepared: it steps once per optimizer step we take, identically in every strategy
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
 
@@ -216,8 +434,12 @@ def train(cfg: Config) -> RunResult:
 
     # ---- resume ---------------------------------------------------------------------------------------------
     ckpt_root = out / "checkpoints"
-    resume_from = ckpt.find_resume_checkpoint(ckpt_root, cfg.checkpoint.resume, is_main)
-    accelerator.wait_for_everyone()
+    # Rank 0 cleans up and chooses; every rank then loads the same folder.
+    from accelerate.utils import broadcast_object_list
+    found = [ckpt.find_resume_checkpoint(ckpt_root, cfg.checkpoint.resume, is_main) if is_main else None]
+    if world > 1:
+        broadcast_object_list(found)
+    resume_from = found[0]
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
         diff = ckpt.config_differences(state["config"], to_dict(cfg))
@@ -225,24 +447,37 @@ def train(cfg: Config) -> RunResult:
             raise ValueError(f"refusing to resume from {resume_from}: the config changed in keys that alter the "
                              f"run: {', '.join(diff)}. Set checkpoint.allow_config_change=true to force it, or "
                              f"checkpoint.resume=never with a new run.output_dir.")
+        if state["config"]["run"]["total_steps"] != cfg.run.total_steps and cfg.optim.scheduler != "constant":
+            log.warning("run.total_steps changed from %d to %d: the %s learning-rate schedule now spans the new "
+                        "length, so the run differs from one started with %d steps", state["config"]["run"][
+                            "total_steps"], cfg.run.total_steps, cfg.optim.scheduler, cfg.run.total_steps)
+        t_load = time.perf_counter()
         state = ckpt.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler)
         start_step, samples_seen = state["step"], state["samples_seen"]
+        if not state["rng_restored"]:  # other world size: still reproducible, from (seed, rank, step)
+            torch.manual_seed(cfg.run.seed + 1 + rank + 1_000_003 * start_step)
         sampler.load_state_dict(state["sampler"])
         kl_ctl.load_state_dict(state["kl_controller"])
         if moments is not None and state.get("reward_moments"):
             moments.load_state_dict(state["reward_moments"])
         evaluation = state.get("evaluation", {})
-        log.info("resumed from %s at step %d (%d samples seen)", resume_from, start_step, samples_seen)
+        log.info("resumed from %s at step %d (%d samples seen; loaded in %.2f s)", resume_from, start_step,
+                 samples_seen, time.perf_counter() - t_load)
     if start_step >= cfg.run.total_steps:
         log.info("nothing to do: already at step %d of %d", start_step, cfg.run.total_steps)
 
+    devices = {"policy": str(device), "reference": str(reference.device) if reference else f"{device} (shared base)",
+               "reward": {t.name: str(t.device) for t in reward.terms}}
+    if world > 1:
+        from accelerate.utils import gather_object
+        devices_by_rank = gather_object([devices])
     if is_main:
         write_json(out / "run_info.json", {
-            "world_size": world, "distributed_type": str(accelerator.distributed_type),
-            "zero_stage": None, "mixed_precision": accelerator.mixed_precision, "policy_kind": kind,
-            "policy_dtype": str(dtype), "devices": {
-                "policy": str(device), "reference": str(reference.device) if reference else f"{device} (shared base)",
-                "reward": {t.name: str(t.device) for t in reward.terms}},
+            **describe(accelerator), "policy_kind": kind, "policy_dtype": str(dtype),
+            "reward_dtypes": {t.name: str(t.model.dtype) for t in reward.terms},
+            "reference_dtype": str(next(reference.lm.parameters()).dtype) if reference else str(dtype),
+            "quantization": cfg.policy.quantization, "devices": devices,
+            "devices_by_rank": devices_by_rank if world > 1 else [devices],
             "parameters": {"total": total_params, "trainable": trainable_params},
             "packages": package_versions(), "config_hash": config_hash(cfg),
             "resumed_from": str(resume_from) if resume_from else None})
@@ -253,8 +488,9 @@ def train(cfg: Config) -> RunResult:
         n = min(cfg.evaluation.num_samples, len(held))
         eval_prompts, eval_texts = held.input_ids[:n], held.texts[:n]
         if "before" not in evaluation:
-            evaluation["before"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
-                                                      device)
+            with generation_weights(accelerator, policy, cfg.generation.zero3_gather_weights) as synced:
+                evaluation["before"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
+                                                          device, synced)
             log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts)",
                      evaluation["before"]["toxicity_mean"], evaluation["before"]["reward_mean"], n)
 
@@ -266,15 +502,21 @@ def train(cfg: Config) -> RunResult:
     history: list[dict[str, float]] = []
     reduce_fn = sum_reducer(accelerator)
     temp = cfg.generation.temperature
-    micro = cfg.ppo.mini_batch_size // cfg.ppo.gradient_accumulation_steps
+    stopped_by: Optional[str] = None
 
     def save(step_done: int) -> Path:
         state = {"step": step_done, "samples_seen": samples_seen, "sampler": sampler.state_dict(),
                  "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict() if moments else None,
                  "evaluation": evaluation, "world_size": world, "config": to_dict(cfg),
                  "config_hash": config_hash(cfg), "packages": package_versions()}
-        return ckpt.save_checkpoint(accelerator, policy, optimizer, scheduler, state, ckpt_root, step_done,
+        logger.flush()  # the curves up to a checkpoint survive a later kill -9
+        t0 = time.perf_counter()
+        path = ckpt.save_checkpoint(accelerator, policy, optimizer, scheduler, state, ckpt_root, step_done,
                                     cfg.checkpoint.keep_last)
+        if is_main:
+            log.info("checkpoint %s written in %.2f s (%.1f MB)", path, time.perf_counter() - t0,
+                     sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6)
+        return path
 
     try:
         for step in range(start_step, cfg.run.total_steps):
@@ -287,9 +529,10 @@ def train(cfg: Config) -> RunResult:
             batch_texts = [prompts.texts[i] for i in idx]
 
             # 2. rollout: batched sampling, chunked by generation.rollout_batch_size
-            with timer("time/generate"):
+            with timer("time/generate"), generation_weights(accelerator, policy,
+                                                            cfg.generation.zero3_gather_weights) as synced:
                 rollout = generate_rollouts(unwrapped, batch_prompts, tokenizer, cfg.generation,
-                                            draw_max_new_tokens(cfg, step), device)
+                                            draw_max_new_tokens(cfg, step), device, synced_gpus=synced)
             mask = rollout.response_mask.float()
 
             # 3. reward: response text re-tokenized by each classifier; scored in length-sorted batches
@@ -306,7 +549,7 @@ def train(cfg: Config) -> RunResult:
             # 4. reference log-probs (frozen starting policy), then old log-probs and values of the policy
             with timer("time/reference"):
                 ref_logp = reference_logprobs(unwrapped, reference, rollout.prompt_ids, rollout.prompt_mask,
-                                              rollout.response_ids, temp)
+                                              rollout.response_ids, temp, forward=policy)
             with timer("time/old_logprobs"):
                 old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size, temp)
 
@@ -317,53 +560,14 @@ def train(cfg: Config) -> RunResult:
                 advantages = masked_whiten(advantages, mask, shift_mean=True, reduce_fn=reduce_fn)
 
             # 6. PPO epochs over shuffled mini-batches; micro-batches accumulate gradients
-            stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "entropy",
-                                                              "clipfrac", "approx_kl", "vf_clipfrac", "ratio_mean")}
-            skipped = nonfinite = 0
-            shuffle = torch.Generator().manual_seed(cfg.run.seed * 100003 + step)  # same on every rank
             with timer("time/ppo_update"):
-                for _ in range(cfg.ppo.ppo_epochs):
-                    order = torch.randperm(cfg.ppo.batch_size, generator=shuffle).to(device)
-                    for mb_start in range(0, cfg.ppo.batch_size, cfg.ppo.mini_batch_size):
-                        mb = order[mb_start:mb_start + cfg.ppo.mini_batch_size]
-                        bad = False
-                        for mi, m_start in enumerate(range(0, len(mb), micro)):
-                            ids = mb[m_start:m_start + micro]
-                            m = mask[ids]
-                            last = mi == cfg.ppo.gradient_accumulation_steps - 1
-                            # no gradient all-reduce until the mini-batch's last micro-batch
-                            sync = accelerator.no_sync(policy) if not last else _null()
-                            with sync:
-                                logits, values = policy(rollout.prompt_ids[ids], rollout.prompt_mask[ids],
-                                                        rollout.response_ids[ids])
-                                logp = logprobs_from_logits(logits, rollout.response_ids[ids], temp).float()
-                                pg_loss, pg_stats = policy_loss(logp, old_logp[ids], advantages[ids], m,
-                                                                cfg.ppo.clip_range)
-                                vf_loss, vf_stats = value_loss(values.float(), old_values[ids], returns[ids], m,
-                                                               cfg.ppo.value_clip_range)
-                                entropy = masked_mean(entropy_from_logits(logits.float()), m)
-                                loss = pg_loss + cfg.ppo.vf_coef * vf_loss - cfg.ppo.entropy_coef * entropy
-                                is_nonfinite = not torch.isfinite(loss).item()
-                                too_far = pg_stats["ratio_mean"].item() > cfg.ppo.ratio_threshold
-                                if any_rank(accelerator, is_nonfinite or too_far):
-                                    nonfinite += int(any_rank(accelerator, is_nonfinite))
-                                    bad = True
-                                    break
-                                accelerator.backward(loss / cfg.ppo.gradient_accumulation_steps)
-                            for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("loss", loss),
-                                         ("entropy", entropy), ("clipfrac", pg_stats["clipfrac"]),
-                                         ("approx_kl", pg_stats["approx_kl"]), ("vf_clipfrac", vf_stats["vf_clipfrac"]),
-                                         ("ratio_mean", pg_stats["ratio_mean"])):
-                                stats[k].append(float(v.detach()))
-                        if bad:  # skip the whole mini-batch on every rank
-                            optimizer.zero_grad(set_to_none=True)
-                            skipped += 1
-                            continue
-                        if cfg.ppo.max_grad_norm is not None:
-                            grad_norm = accelerator.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                update = ppo_update(accelerator, policy, optimizer, scheduler, UpdateBatch(
+                    rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, mask, old_logp, old_values,
+                    advantages, returns), cfg.ppo, temp, shuffle_seed=cfg.run.seed * 100003 + step)
+            stats, skipped, nonfinite = update.stats, update.skipped, update.nonfinite
+            debug_record(f"rank-{rank:05d}.jsonl", {
+                "step": step + 1, "rank": rank, "prompt_indices": idx, "response_lengths":
+                rollout.response_mask.sum(1).tolist(), "loss": stats["loss"], "skipped": skipped})
 
             if nonfinite:
                 nonfinite_in_row += 1
@@ -402,6 +606,7 @@ def train(cfg: Config) -> RunResult:
                 "ppo/policy/approx_kl": float(np.mean(stats["approx_kl"])) if stats["approx_kl"] else float("nan"),
                 "ppo/policy/ratio_mean": float(np.mean(stats["ratio_mean"])) if stats["ratio_mean"] else float("nan"),
                 "ppo/val/clipfrac": float(np.mean(stats["vf_clipfrac"])) if stats["vf_clipfrac"] else float("nan"),
+                "ppo/grad_norm": float(np.mean(stats["grad_norm"])) if stats["grad_norm"] else float("nan"),
                 "ppo/val/explained_variance": explained_variance(old_values, returns, mask).item(),
                 "ppo/advantages_mean": masked_mean(advantages, mask).item(),
                 "ppo/advantages_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
@@ -428,30 +633,49 @@ def train(cfg: Config) -> RunResult:
                                       zip(batch_texts, responses, raw_scores.tolist())][:cfg.logging.num_samples])
             logger.progress(done, metrics["env/reward_mean"], metrics["objective/kl"])
             history.append({"step": done, **metrics})
-            if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < cfg.run.total_steps:
+            saved = bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+            if saved and done < cfg.run.total_steps:
                 save(done)
+            # a stop request on any rank stops every rank here, after the same step (one tiny all-reduce)
+            if done < cfg.run.total_steps and any_rank(accelerator, stop.signum is not None):
+                stopped_by = stop.name or "a signal on another rank"
+                path = ckpt.step_dir(ckpt_root, done) if saved else save(done)
+                log.warning("stopped after step %d of %d (%s); checkpoint %s. Run the same command again to resume.",
+                            done, cfg.run.total_steps, stopped_by, path)
+                break
     finally:
         logger.close()
+    if stopped_by is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return RunResult(out, done, None, history, None, unwrapped, stopped_by=stopped_by, is_main=is_main)
 
     # ---- finish: final adapter + value head, checkpoint, before/after ------------------------------------------
     steps_done = max(start_step, cfg.run.total_steps)
-    if cfg.checkpoint.every_steps:
+    if cfg.checkpoint.every_steps and start_step < cfg.run.total_steps:  # else resumed from this very checkpoint
         save(steps_done)
     final_dir = out / "final"
-    if is_main:
-        tmp = out / "final.tmp"
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        ckpt.save_policy_files(unwrapped, tmp)
-        tokenizer.save_pretrained(str(tmp))
-        if final_dir.exists():
-            import shutil
-            shutil.rmtree(final_dir)
-        tmp.rename(final_dir)
+    with gathered_trainable(accelerator, policy):  # collective under ZeRO-3: every rank gathers, rank 0 writes
+        if is_main:
+            tmp = out / "final.tmp"
+            if tmp.exists():
+                import shutil
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            ckpt.save_policy_files(unwrapped, tmp)
+            tokenizer.save_pretrained(str(tmp))
+            if final_dir.exists():
+                import shutil
+                shutil.rmtree(final_dir)
+            tmp.rename(final_dir)
+        if os.environ.get("DETOXRL_DEBUG_DIR"):  # test hook: every rank's copy of the trainable weights
+            from safetensors.torch import save_file
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in unwrapped.trainable_state_dict().items()},
+                      str(Path(os.environ["DETOXRL_DEBUG_DIR"]) / f"rank-{rank:05d}-trainable.safetensors"))
     if cfg.evaluation.before_after:
-        evaluation["after"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg, device)
+        with generation_weights(accelerator, policy, cfg.generation.zero3_gather_weights) as synced:
+            evaluation["after"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
+                                                     device, synced)
         b, a = evaluation["before"], evaluation["after"]
         evaluation["toxicity_change_pct"] = 100.0 * (a["toxicity_mean"] - b["toxicity_mean"]) / max(
             b["toxicity_mean"], 1e-12)
@@ -463,9 +687,5 @@ def train(cfg: Config) -> RunResult:
                   f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped)
+    return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped, is_main=is_main)
 
-
-@contextmanager
-def _null():
-    yield

@@ -27,9 +27,14 @@ REFERENCE_ADAPTER = "reference"
 TRAINABLE_ADAPTER = "default"
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, mixed_precision: str = "no") -> torch.dtype:
+    """`auto`: float32 on the CPU; on a GPU the launch's mixed precision (fp16 / bf16), else bfloat16 if supported."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type != "cuda":
+            return torch.float32
+        if mixed_precision == "fp16":
+            return torch.float16
+        if mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -94,9 +99,31 @@ def _disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
-def load_base_model(path: str, kind: str, dtype: torch.dtype, revision: Optional[str], trust_remote_code: bool):
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype, device: torch.device):
+    """transformers' BitsAndBytesConfig for `policy.quantization` (8bit, or 4bit NF4 with double quantization)."""
+    if device.type != "cuda":
+        raise ValueError(f"policy.quantization={quantization} needs a CUDA device, but the model goes to {device}; "
+                         "bitsandbytes quantization is GPU only")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"policy.quantization={quantization} needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_base_model(path: str, kind: str, dtype: torch.dtype, revision: Optional[str], trust_remote_code: bool,
+                    quantization: Optional[str] = None, device: Optional[torch.device] = None):
+    """The pretrained model, dropout off; with `quantization`, loaded straight onto `device` by bitsandbytes."""
+    extra = {}
+    if quantization:
+        extra = {"quantization_config": bitsandbytes_config(quantization, dtype, device), "device_map": {"": device}}
     model = _auto_model_class(kind).from_pretrained(path, dtype=dtype, revision=revision,
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code, **extra)
     _disable_dropout(model)
     return model
 
@@ -150,7 +177,8 @@ class PolicyWithValue(nn.Module):
                 want_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits (B, T, V) predicting each response token, and values (B, T) of the state before it."""
         logits, hidden = lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids, want_values)
-        values = self.v_head(hidden.float()).squeeze(-1) if want_values else None
+        # the head is float32, except under DeepSpeed bf16/fp16, which casts the whole module
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if want_values else None
         return logits, values
 
     @contextlib.contextmanager
@@ -181,8 +209,13 @@ def build_policy(cfg: PolicyConfig, model_path: str, kind: str, device: torch.de
     """Base model + (starting adapter loaded trainable | fresh LoRA) + value head. Seeded for reproducible init."""
     from peft import LoraConfig as PeftLoraConfig, PeftModel, TaskType, get_peft_model
 
-    base = load_base_model(model_path, kind, dtype, cfg.revision, cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
+    base = load_base_model(model_path, kind, dtype, cfg.revision, cfg.trust_remote_code, cfg.quantization, device)
+    if cfg.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and other small weights to float32, input grads on (LoRA behind frozen quantized layers)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
     torch.manual_seed(seed)
@@ -204,7 +237,10 @@ def build_policy(cfg: PolicyConfig, model_path: str, kind: str, device: torch.de
                                                  target_modules=list(lcfg.target_modules), task_type=task))
     _disable_dropout(lm)
     policy = PolicyWithValue(lm, kind, cfg.value_head_init_std, has_ref_adapter)
-    policy.to(device)
+    if cfg.quantization:
+        policy.v_head.to(device)  # bitsandbytes placed the base already; quantized weights refuse .to()
+    else:
+        policy.to(device)
     policy.eval()  # dropout off for sampling AND for the PPO forward passes
     return policy
 
@@ -226,24 +262,33 @@ def build_reference_copy(policy_cfg: PolicyConfig, ref_cfg: ReferenceConfig, mod
                          device: torch.device, dtype: torch.dtype) -> FrozenReference:
     from peft import PeftModel
 
-    base = load_base_model(model_path, kind, dtype, policy_cfg.revision, policy_cfg.trust_remote_code)
+    q = policy_cfg.quantization
+    base = load_base_model(model_path, kind, dtype, policy_cfg.revision, policy_cfg.trust_remote_code, q, device)
     if policy_cfg.adapter:
-        base = PeftModel.from_pretrained(base, policy_cfg.adapter).merge_and_unload()
-    return FrozenReference(base, kind).to(device)
+        base = PeftModel.from_pretrained(base, policy_cfg.adapter)
+        if not q:  # merging into quantized weights would round them; keep the adapter as a frozen side path there
+            base = base.merge_and_unload()
+    reference = FrozenReference(base, kind)
+    return reference if q else reference.to(device)
 
 
 def reference_logprobs(policy: PolicyWithValue, reference: Optional[FrozenReference], prompt_ids, prompt_mask,
-                       response_ids, temperature: float) -> torch.Tensor:
-    """Log-probs (B, T) of the responses under the frozen starting policy, returned on the policy's device."""
+                       response_ids, temperature: float, forward: Optional[nn.Module] = None) -> torch.Tensor:
+    """Log-probs (B, T) of the responses under the frozen starting policy, returned on the policy's device.
+
+    `forward` is what to call for the shared reference: the prepared policy (DeepSpeed engine: ZeRO-3 gathers the
+    sharded weights in its hooks; accelerate's mixed-precision autocast, as for the policy's own log-probs), or
+    `policy` itself (the default)."""
     out_device = response_ids.device
+    if reference is None:
+        # no_grad, not inference_mode: weights that ZeRO-3 gathers in here must stay usable by autograd later
+        with torch.no_grad(), policy.reference_mode():
+            logits, _ = (forward or policy)(prompt_ids, prompt_mask, response_ids, want_values=False)
+            return logprobs_from_logits(logits, response_ids, temperature).float().to(out_device)
     with torch.inference_mode():
-        if reference is None:
-            with policy.reference_mode():
-                logits, _ = policy(prompt_ids, prompt_mask, response_ids, want_values=False)
-        else:
-            dev = reference.device
-            logits, _ = lm_forward(reference.lm, reference.kind, prompt_ids.to(dev), prompt_mask.to(dev),
-                                   response_ids.to(dev), False)
+        dev = reference.device
+        logits, _ = lm_forward(reference.lm, reference.kind, prompt_ids.to(dev), prompt_mask.to(dev),
+                               response_ids.to(dev), False)
         return logprobs_from_logits(logits, response_ids.to(logits.device), temperature).float().to(out_device)
 
 

@@ -27,6 +27,7 @@ def setup_logging(is_main: bool) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) on every rank
     if not is_main:
         import datasets
         import transformers
@@ -67,7 +68,8 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
 class RunLogger:
     """TensorBoard + metrics.jsonl + progress bar, on the main process only.
 
-    `start_step` lets a resumed run continue the same TensorBoard curves: events at or after it are purged.
+    `start_step` lets a resumed run continue the same TensorBoard curves: events after it are purged (also those a
+    killed run logged after its last checkpoint), and metrics.jsonl keeps only the lines up to it.
     """
 
     def __init__(self, output_dir: Path, is_main: bool, total_steps: int, start_step: int = 0,
@@ -81,11 +83,16 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
-        if start_step and self.metrics_path.exists():
+                                        purge_step=start_step + 1)
+        if self.metrics_path.exists():  # (also at step 0: a run killed before its first checkpoint logged steps)
             # drop lines from steps that will be re-run, so metrics.jsonl has each step once
-            kept = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            kept = []
+            for ln in self.metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= start_step:
+                        kept.append(ln)
+                except ValueError:  # blank, or cut short by a kill -9
+                    pass
             self.metrics_path.write_text("".join(k + "\n" for k in kept))
         if progress_bar:
             from tqdm.auto import tqdm
@@ -110,6 +117,10 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(reward=f"{reward:.3f}", kl=f"{kl:.3f}")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

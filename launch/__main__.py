@@ -1,0 +1,5 @@
+"""`python -m detoxrl.launch`."""
+from detoxrl.launch.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
