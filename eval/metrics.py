@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from detoxrl.train.tracking import distinct_n, duplicate_share  # noqa: F401 (shared with training)
+
 
 def summary(values: Sequence[float]) -> dict[str, float]:
     """Mean and sample standard deviation (ddof=1, as torch's `.std()` in the trainer's before/after)."""
@@ -61,22 +63,6 @@ def std_improvement(baseline: np.ndarray, other: np.ndarray) -> Optional[float]:
 
 def mean_difference(baseline: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(other) - np.mean(baseline))
-
-
-def distinct_n(texts: Sequence[str], n: int) -> Optional[float]:
-    """Unique word n-grams / all word n-grams over all responses (corpus level). Low = repetitive output."""
-    total, unique = 0, set()
-    for text in texts:
-        words = text.lower().split()
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-        total += len(grams)
-        unique.update(grams)
-    return len(unique) / total if total else None
-
-
-def duplicate_share(texts: Sequence[str]) -> float:
-    """Share of responses that repeat an earlier response exactly (mode collapse shows up here first)."""
-    return 1.0 - len(set(texts)) / len(texts) if texts else 0.0
 
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")

@@ -49,7 +49,7 @@ REQUIRED_METRICS = {
     "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approx_kl",
     "ppo/val/explained_variance", "env/response_length_mean", "ppo/advantages_mean", "ppo/advantages_std", "lr",
     "perf/samples_per_s", "perf/tokens_per_s", "time/generate", "time/reward", "time/reference",
-    "time/ppo_update"}
+    "time/ppo_update", "env/distinct_2", "env/duplicate_share"}
 
 
 @pytest.mark.parametrize("recipe", ["flan_t5_base_dialogsum_detox", "flan_t5_cola_neutral", "gpt2_imdb_positive",

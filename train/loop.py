@@ -47,7 +47,8 @@ from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, Run
                                     explained_variance, gae_advantages, logprobs_from_logits, masked_mean,
                                     masked_whiten, normalize_and_clip, per_token_rewards, policy_loss, value_loss)
 from detoxrl.train.reward import RewardModel, build_reward
-from detoxrl.train.tracking import RunLogger, package_versions, setup_logging, write_json
+from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, setup_logging,
+                                    write_json)
 
 log = logging.getLogger("detoxrl.train")
 
@@ -613,6 +614,9 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                 "ppo/skipped_minibatches": float(skipped),
                 "env/response_length_mean": rollout.response_mask.sum(1).float().mean().item(),
                 "env/response_ended_share": rollout.ended.float().mean().item(),
+                # reward hacking shows as falling distinct-n / rising duplicates next to a climbing KL
+                "env/distinct_2": distinct_n(responses, 2) or 0.0,
+                "env/duplicate_share": duplicate_share(responses),
                 "perf/samples_per_s": len(idx) * world / elapsed,
                 "perf/tokens_per_s": n_tokens * world / elapsed,
                 **{k: v for k, v in timer.seconds.items()},

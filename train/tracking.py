@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 log = logging.getLogger("detoxrl")
 
@@ -49,6 +49,23 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+# Response statistics that reveal reward hacking (logged per step next to reward and KL; also used by eval).
+def distinct_n(texts: Sequence[str], n: int) -> Optional[float]:
+    """Unique word n-grams / all word n-grams over all responses (corpus level). Low = repetitive output."""
+    total, unique = 0, set()
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else None
+
+
+def duplicate_share(texts: Sequence[str]) -> float:
+    """Share of responses that repeat an earlier response exactly (mode collapse shows up here first)."""
+    return 1.0 - len(set(texts)) / len(texts) if texts else 0.0
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
