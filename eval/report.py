@@ -19,23 +19,23 @@ def _num(v: Optional[float], digits: int = 4) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _pct(d: Optional[dict]) -> str:
-    """A bootstrap dict as `+12.3% [4.5%, 20.1%]`."""
+def _interval(d: Optional[dict], fmt) -> str:
+    """A bootstrap dict {value, ci_low, ci_high} as `value [low, high]`, each number through `fmt`."""
     if not d or d.get("value") is None:
         return "—"
-    text = f"{100 * d['value']:+.1f}%"
+    text = fmt(d["value"])
     if d.get("ci_low") is not None:
-        text += f" [{100 * d['ci_low']:+.1f}%, {100 * d['ci_high']:+.1f}%]"
+        text += f" [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"
     return text
+
+
+def _pct(d: Optional[dict]) -> str:
+    """e.g. `+12.3% [+4.5%, +20.1%]`."""
+    return _interval(d, lambda x: f"{100 * x:+.1f}%")
 
 
 def _diff(d: Optional[dict]) -> str:
-    if not d or d.get("value") is None:
-        return "—"
-    text = f"{d['value']:+.4f}"
-    if d.get("ci_low") is not None:
-        text += f" [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-    return text
+    return _interval(d, lambda x: f"{x:+.4f}")
 
 
 def metric_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
