@@ -11,10 +11,9 @@ import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from detoxrl.train.config import DataConfig
 

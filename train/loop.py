@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -335,13 +334,9 @@ def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device],
 
 def build_rewards_on(cfg: Config, devices: list[torch.device], policy_dtype: torch.dtype) -> RewardModel:
     """Every reward term on its own device, in its dtype (`auto`: the policy's on a GPU, float32 on the CPU)."""
-    terms = []
-    for t, dev in zip(cfg.reward.terms, devices):
-        dtype = resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (
-            policy_dtype if dev.type == "cuda" else torch.float32)
-        terms += build_reward([replace(t, device=str(dev))], lambda name, role: assets.resolve(name, role), dev,
-                              dtype=dtype).terms
-    return RewardModel(terms)
+    dtypes = [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (policy_dtype if dev.type == "cuda" else torch.float32)
+              for t, dev in zip(cfg.reward.terms, devices)]
+    return build_reward(cfg.reward.terms, assets.resolve, devices, dtypes)
 
 
 def debug_record(name: str, record: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ until it fits; the response is only ever truncated when it alone is longer than 
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -142,15 +141,12 @@ class RewardModel:
         return total, per_term
 
 
-def build_reward(terms_cfg: list[RewardTermConfig], resolve_path, default_device: torch.device,
-                 device_for: Optional[callable] = None, dtype: torch.dtype = torch.float32) -> RewardModel:
-    """Load every term on its device. `resolve_path` maps `demo`/hub names to a loadable path."""
-    from detoxrl.train.models import resolve_device
-
+def build_reward(terms_cfg: list[RewardTermConfig], resolve_path, devices: list[torch.device],
+                 dtypes: list[torch.dtype]) -> RewardModel:
+    """Load every term on its own device in its dtype. `resolve_path` maps `demo`/hub names to a loadable path."""
     terms = []
-    for cfg in terms_cfg:
-        dev = resolve_device(cfg.device, default_device)
+    for cfg, dev, dtype in zip(terms_cfg, devices, dtypes, strict=True):
         terms.append(RewardTerm(cfg, resolve_path(cfg.model, "reward"), dev, dtype))
-        log.info("reward term %s label %s (%s, index %d) on %s, window %d tokens", cfg.model, cfg.label, cfg.output,
-                 terms[-1].label_index, dev, terms[-1].max_length)
+        log.info("reward term %s label %s (%s, index %d) on %s (%s), window %d tokens", cfg.model, cfg.label,
+                 cfg.output, terms[-1].label_index, dev, dtype, terms[-1].max_length)
     return RewardModel(terms)
