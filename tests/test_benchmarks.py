@@ -1,0 +1,147 @@
+"""The benchmark harness (benchmarks/): it runs on tiny models and produces complete records. No timing assertions:
+CI machines are shared and slow; the figures live in benchmarks/RESULTS.md.
+
+The TRL baseline needs its own virtualenv (trl 1.12 + torch pinned to this one's version), built once and reused
+from $DETOXRL_TRL_VENV, else $DETOXRL_CACHE/trl-venv, else ~/.cache/detoxrl/trl-venv; that test is `slow` and skips
+with pip's reason when the virtualenv cannot be built (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # benchmarks/ is a top-level folder of the repository, not part of the package
+from benchmarks import ppo_throughput as bench  # noqa: E402
+from detoxrl.train.config import load_config  # noqa: E402
+
+# read at collection, before any fixture points DETOXRL_CACHE at a temporary folder: the TRL venv must be reused
+_CACHE = os.environ.get("DETOXRL_CACHE")
+TRL_VENV = Path(os.environ.get("DETOXRL_TRL_VENV") or (
+    Path(_CACHE).expanduser() if _CACHE else Path.home() / ".cache" / "detoxrl") / "trl-venv")
+
+RECORD_KEYS = {"config", "preset", "device", "threads", "batch_size", "prompt_tokens", "new_tokens", "samples_per_s",
+               "tokens_per_s", "step_seconds", "phase_seconds", "phase_share", "largest_phase", "peak_memory",
+               "baselines", "machine", "versions", "date", "command", "load_average", "overrides"}
+
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def run_harness(module: str, args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update({"DETOXRL_CACHE": str(cache), "DETOXRL_TRL_VENV": str(TRL_VENV), "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def records(stdout: str) -> list[dict]:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # every stdout line is a JSON record, nothing else
+
+
+def check_record(rec: dict) -> None:
+    assert RECORD_KEYS <= set(rec), RECORD_KEYS - set(rec)
+    assert rec["status"] == "ok" and rec["samples_per_s"] > 0 and rec["tokens_per_s"] > 0
+    assert set(bench.PHASES) <= set(rec["phase_seconds"]) and rec["largest_phase"] in rec["phase_share"]
+    assert rec["timed_steps"] == 2
+    assert rec["peak_memory"]["cpu_rss_mb"] > 0 and "gpu_max_allocated_mb" in rec["peak_memory"]
+    seeds = rec["baselines"]["seeds"]
+    assert seeds["status"] == "ok" and seeds["samples_per_s"] > 0
+    assert seeds["ratio"] == pytest.approx(rec["samples_per_s"] / seeds["samples_per_s"])
+
+
+def test_tiny_preset_produces_complete_records(bench_cache, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    proc = run_harness("benchmarks.ppo_throughput", ["--preset", "tiny", "--iterations", "2", "--baselines", "seeds",
+                                                     "--threads", "1", "--results", str(results)], bench_cache)
+    recs = records(proc.stdout)
+    assert [r["config"] for r in recs] == [b.name for b in bench.PRESETS["tiny"]]
+    for rec in recs:
+        check_record(rec)
+        assert rec["threads"] == 1 and rec["device"] == "cpu"
+    table = results.read_text()
+    assert "preset `tiny`" in table and "--preset tiny --iterations 2" in table
+    assert all(f"| {r['config']} |" in table for r in recs)
+
+
+@pytest.mark.slow
+def test_trl_baseline_and_reward_curves(bench_cache, tmp_path):
+    from benchmarks.trl_env import TRLUnavailable, ensure_trl_venv
+
+    try:
+        ensure_trl_venv(TRL_VENV)
+    except TRLUnavailable as err:
+        pytest.skip(f"TRL 1.12 virtualenv cannot be built here (pip): {str(err).splitlines()[0]}")
+    results = tmp_path / "RESULTS.md"
+    proc = run_harness("benchmarks.ppo_throughput", ["--preset", "tiny", "--only", "tiny-gpt2-causal", "--iterations",
+                                                     "2", "--threads", "1", "--results", str(results)], bench_cache)
+    (rec,) = records(proc.stdout)
+    check_record(rec)
+    trl = rec["baselines"]["trl"]
+    assert trl["status"] == "ok", trl
+    assert trl["samples_per_s"] > 0 and trl["ratio"] == pytest.approx(rec["samples_per_s"] / trl["samples_per_s"])
+    assert trl["versions"]["trl"].startswith("1.12.")
+    assert "TRL venv: trl 1.12." in results.read_text()
+
+    proc = run_harness("benchmarks.reward_curves", ["--seeds", "0", "--steps", "3", "--threads", "1", "--results",
+                                                    str(results)], bench_cache)
+    curves = json.loads(proc.stdout)
+    assert len(curves["ours"]["0"]) == 3 and len(curves["trl"]["0"]) == 3
+    assert "reward curves" in results.read_text()
+
+
+def test_gpu_configurations_are_recorded_as_pending_without_a_gpu(bench_cache):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the memory study would run for real")
+    proc = run_harness("benchmarks.ppo_throughput", ["--preset", "memory", "--only", "flan-t5-xxl-lora",
+                                                     "--no-append"], bench_cache)
+    (rec,) = records(proc.stdout)
+    assert rec["status"] == "skipped" and "GPU" in rec["reason"]
+
+
+@pytest.mark.parametrize("preset", sorted(bench.PRESETS))
+def test_every_preset_builds_a_valid_detoxrl_config(preset, tmp_path):
+    """Override typos would only show on a GPU machine otherwise: load every configuration's config (no models)."""
+    paths = {"policy": tmp_path / "policy", "reward": tmp_path / "reward", "data": tmp_path / "data"}
+    for b in bench.PRESETS[preset]:
+        for cuda in (False, True) if not b.quantization else (True,):  # 8-bit is refused on the CPU
+            recipe, overrides = bench.ours_overrides(b, paths, tmp_path / "out", 3, 2, cuda)
+            cfg = load_config(recipe, overrides + bench.SEEDS_OVERRIDES)
+            assert cfg.generation.min_new_tokens == cfg.generation.max_new_tokens == b.new_tokens
+            assert cfg.ppo.batch_size * b.processes == b.batch and cfg.generation.rollout_batch_size == 1
+            assert cfg.policy.quantization == b.quantization
+
+
+def test_summary_and_markdown_from_step_metrics():
+    steps = [{"time/step": 2.0, "time/generate": 1.0, "time/reward": 0.2, "time/reference": 0.2,
+              "time/old_logprobs": 0.2, "time/ppo_update": 0.3, "perf/tokens_per_s": 8.0, "env/reward_mean": 0.5}] * 3
+    s = bench.summarize_steps(steps, warmup=1, batch=4)
+    assert s["samples_per_s"] == pytest.approx(2.0) and s["tokens_per_s"] == pytest.approx(8.0)
+    assert s["largest_phase"] == "generate" and s["phase_share"]["generate"] == pytest.approx(0.5)
+    assert s["phase_seconds"]["other"] == pytest.approx(0.1) and s["timed_steps"] == 2
+    rec = {"config": "x", "device": "cpu", "threads": 1, "batch_size": 4, "prompt_tokens": 8, "new_tokens": 4,
+           "status": "ok", "peak_memory": {"cpu_rss_mb": 100.0, "gpu_max_allocated_mb": None},
+           "baselines": {"seeds": {"status": "ok", "samples_per_s": 0.5, "ratio": 4.0},
+                         "trl": {"status": "unavailable", "reason": "no network"}}, **s}
+    header = {"date": "today", "preset": "tiny", "command": "python -m benchmarks.ppo_throughput --preset tiny",
+              "machine": {"cpu": "cpu", "cores": 2, "memory_gb": 1, "gpu": None, "python": "3"},
+              "versions": {"torch": "2"}, "threads": 1, "load_start": [0.5, 0.5, 0.5], "load_end": [0.7, 0.6, 0.5],
+              "warmup": 1, "iterations": 2}
+    md = bench.markdown_section([rec], header)
+    row = next(line for line in md.splitlines() if line.startswith("| x |"))
+    assert "| 2.00 |" in row and "| 4.00x |" in row and "generate (50%)" in row and "unavailable" in row
+    assert "no network" in md and "load average" in md
