@@ -162,3 +162,19 @@ def test_causal_reference_copy_matches_base(test_models):
         want = logprobs_from_logits(lm_forward(base, "causal", ids, mask, resp, False)[0], resp, 0.7)
     torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
     assert all(not p.requires_grad for p in reference.parameters())
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_value_head_detach_keeps_the_value_loss_out_of_the_lora_layers(test_models, detach):
+    cfg = PolicyConfig(model=str(test_models["t5"]), kind="seq2seq", value_head_detach=detach,
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q", "v"]))
+    policy = build_policy(cfg, str(test_models["t5"]), "seq2seq", CPU, torch.float32, reference_shared=True, seed=0)
+    perturb_lora(policy)
+    torch.nn.init.normal_(policy.v_head.weight, std=0.1)
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 1]], 0, False, CPU)
+    _, values = policy(ids, mask, torch.tensor([[5, 6, 1], [7, 1, 0]]))
+    values.pow(2).sum().backward()                     # a loss on the values only
+    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n and p.requires_grad]
+    assert policy.v_head.weight.grad is not None and policy.v_head.weight.grad.abs().sum() > 0
+    reached = any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert reached is not detach

@@ -158,11 +158,12 @@ class PolicyWithValue(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, kind: str, value_head_init_std: float = 0.0,
-                 has_reference_adapter: bool = False) -> None:
+                 has_reference_adapter: bool = False, value_head_detach: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self.kind = kind
         self.has_reference_adapter = has_reference_adapter
+        self.value_head_detach = value_head_detach
         hidden = _hidden_size(lm.config)
         self.v_head = nn.Linear(hidden, 1)
         with torch.no_grad():
@@ -177,8 +178,12 @@ class PolicyWithValue(nn.Module):
                 want_values: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits (B, T, V) predicting each response token, and values (B, T) of the state before it."""
         logits, hidden = lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids, want_values)
-        # the head is float32, except under DeepSpeed bf16/fp16, which casts the whole module
-        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if want_values else None
+        values = None
+        if want_values:
+            if self.value_head_detach:  # the value loss then trains the head only, never the shared LoRA layers
+                hidden = hidden.detach()
+            # the head is float32, except under DeepSpeed bf16/fp16, which casts the whole module
+            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         return logits, values
 
     @contextlib.contextmanager
@@ -236,7 +241,7 @@ def build_policy(cfg: PolicyConfig, model_path: str, kind: str, device: torch.de
         lm = get_peft_model(base, PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                  target_modules=list(lcfg.target_modules), task_type=task))
     _disable_dropout(lm)
-    policy = PolicyWithValue(lm, kind, cfg.value_head_init_std, has_ref_adapter)
+    policy = PolicyWithValue(lm, kind, cfg.value_head_init_std, has_ref_adapter, cfg.value_head_detach)
     if cfg.quantization:
         policy.v_head.to(device)  # bitsandbytes placed the base already; quantized weights refuse .to()
     else:
