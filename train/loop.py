@@ -590,7 +590,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             elapsed = time.perf_counter() - t_step
             n_tokens = mask.sum().item()
             local = {
-                "env/reward_std": 0.0,  # replaced with the global value below
                 "objective/kl": kl_per_sample.mean().item(),
                 "objective/kl_coef": kl_coef_used,
                 "objective/entropy": float(np.mean(stats["entropy"])) if stats["entropy"] else float("nan"),
@@ -623,7 +622,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             metrics["env/reward_mean"] = global_scores.mean().item()
             metrics["env/reward_std"] = global_scores.std().item() if global_scores.numel() > 1 else 0.0
             metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["perf/samples_per_s"] *= 1.0  # already global (per-rank rate x world, averaged)
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == cfg.run.total_steps:
                 logger.scalars(done, metrics)
