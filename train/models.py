@@ -8,6 +8,7 @@ seq2seq, left for causal) — never to a fixed length. Responses are right-padde
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +146,24 @@ def lm_forward(lm: nn.Module, kind: str, prompt_ids: torch.Tensor, prompt_mask: 
     # response padding is attended by nobody before it (causal), so ones are fine for the response part
     mask = torch.cat([prompt_mask, torch.ones_like(response_ids)], dim=1)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=want_hidden, use_cache=False)
-    logits = out.logits[:, P - 1:P - 1 + T]
+    extra = {}
+    if _accepts_logits_to_keep(lm):
+        # only the last T+1 positions' logits (P-1 .. P+T-1): no (B, P+T, V) tensor for the prompt's positions
+        extra["logits_to_keep"] = T + 1
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=want_hidden, use_cache=False,
+             **extra)
+    logits = out.logits[:, :T] if extra else out.logits[:, P - 1:P - 1 + T]
     hidden = out.hidden_states[-1][:, P - 1:P - 1 + T] if want_hidden else None
     return logits, hidden
+
+
+def _accepts_logits_to_keep(lm: nn.Module) -> bool:
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    cached = getattr(base, "_detoxrl_logits_to_keep", None)
+    if cached is None:
+        cached = "logits_to_keep" in inspect.signature(base.forward).parameters
+        base._detoxrl_logits_to_keep = cached
+    return cached
 
 
 class PolicyWithValue(nn.Module):
