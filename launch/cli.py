@@ -51,7 +51,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--main-address", default=None, help="address of machine 0 (default MASTER_ADDR)")
     p.add_argument("--main-port", type=int, default=None, help="port on machine 0 (default MASTER_PORT or 29500)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="override the strategy file's precision (bf16; fp16 on GPUs without bf16)")
+                   help="precision (default: bf16 on GPUs; pass fp16 on GPUs without bf16: V100, T4). CPU "
+                   "processes train in float32")
     p.add_argument("--accelerate-config", type=Path, default=None, help="another accelerate config file")
     p.add_argument("--deepspeed-config", type=Path, default=None, help="another DeepSpeed JSON (DeepSpeed "
                    "strategies); leave batch sizes, accumulation and clipping on \"auto\"")

@@ -98,6 +98,10 @@ def test_gpu_commands_never_hide_gpus():
     assert argv[argv.index("--deepspeed_config_file") + 1] == str((DEEPSPEED_CONFIGS / "zero3.json").resolve())
     assert argv[argv.index("--mixed_precision") + 1] == "bf16"
     assert argv[-5:] == ["-m", "detoxrl.train", "--config", "r.yaml", "ppo.batch_size=8"]
+    # precision is always on the command line: the shipped files leave it out (accelerate refuses it in a file next
+    # to a DeepSpeed JSON), and bf16 is the GPU default
+    default = build_command(plan, None, []).argv
+    assert default[default.index("--mixed_precision") + 1] == "bf16"
 
 
 def test_cpu_commands_avoid_the_single_process_traps():

@@ -52,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
+    from detoxrl.train.distributed import LaunchError
     from detoxrl.train.loop import NonFiniteLossError, train
 
     try:
         result = train(cfg)
+    except ConfigError as err:  # found once the launch is known (precision, devices, process count)
+        print(f"detoxrl-train: {'launch' if isinstance(err, LaunchError) else 'config'} error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except NonFiniteLossError as err:
         print(f"detoxrl-train: {err}", file=sys.stderr)
         return EXIT_NONFINITE

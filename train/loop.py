@@ -372,7 +372,9 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     random.seed(cfg.run.seed)  # the same start whatever ran before in this process (resumes restore all three)
     np.random.seed(cfg.run.seed)
 
-    with accelerator.main_process_first():  # rank 0 builds the demo assets / downloads; others then read the cache
+    # rank 0 builds the demo assets / downloads; others then read the cache. Models whole: under ZeRO-3 transformers
+    # would otherwise load them inside zero.Init, whose collectives deadlock against the waiting ranks.
+    with accelerator.main_process_first(), models_built_whole(accelerator):
         policy_path = assets.resolve(cfg.policy.model, "policy")
         data_path = assets.resolve(cfg.data.dataset, "data")
         kind = detect_kind(policy_path, cfg.policy.kind, cfg.policy.revision, cfg.policy.trust_remote_code)
@@ -385,9 +387,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
              cfg.data.split, world, cfg.ppo.batch_size * world)
 
     stage = zero_stage(accelerator)  # None unless DeepSpeed
-    if device.type == "cpu" and accelerator.mixed_precision != "no":
-        raise ValueError(f"mixed precision {accelerator.mixed_precision} was requested, but this run trains on the "
-                         f"CPU, which detoxrl does in float32: launch with --mixed_precision no")
     if stage == 3 and cfg.policy.quantization:
         raise ValueError("policy.quantization (bitsandbytes) cannot be combined with DeepSpeed ZeRO-3, which shards "
                          "the weights: use the ddp or zero2 strategy")
