@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from detoxrl.launch.devices import gpu_index, place_auxiliary
+from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train import assets, checkpoint as ckpt
 from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
 from detoxrl.train.data import PromptSampler, build_prompts, load_rows
@@ -315,7 +315,7 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, pp
 
 
 def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device], Optional[torch.device]]:
-    """Devices of the reward terms and of the reference copy (None when shared) for this rank (launch/devices.py)."""
+    """Devices of the reward terms and of the reference copy (None when shared) for this rank (train/devices.py)."""
     copy_ref = cfg.reference.mode == "copy"
     requested = [t.device for t in cfg.reward.terms] + ([cfg.reference.device] if copy_ref else [])
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0  # a CPU run keeps `auto` on the CPU
