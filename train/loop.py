@@ -35,6 +35,7 @@ import torch
 
 from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train import assets, checkpoint as ckpt
+from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
 from detoxrl.train.data import PromptSampler, build_prompts, load_rows
 from detoxrl.train.distributed import (accumulating, describe, fill_deepspeed_config, gathered_trainable,
@@ -654,17 +655,9 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     final_dir = out / "final"
     with gathered_trainable(accelerator, policy):  # collective under ZeRO-3: every rank gathers, rank 0 writes
         if is_main:
-            tmp = out / "final.tmp"
-            if tmp.exists():
-                import shutil
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            ckpt.save_policy_files(unwrapped, tmp)
-            tokenizer.save_pretrained(str(tmp))
-            if final_dir.exists():
-                import shutil
-                shutil.rmtree(final_dir)
-            tmp.rename(final_dir)
+            with atomic_directory(final_dir) as tmp:
+                ckpt.save_policy_files(unwrapped, tmp)
+                tokenizer.save_pretrained(str(tmp))
         if os.environ.get("DETOXRL_DEBUG_DIR"):  # test hook: every rank's copy of the trainable weights
             from safetensors.torch import save_file
             save_file({k: v.detach().float().cpu().contiguous() for k, v in unwrapped.trainable_state_dict().items()},
