@@ -1,6 +1,7 @@
 """The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in DESIGN.md.
 
-    setup: accelerator, data, models (policy + value head, reference, reward), optimizer, resume
+    setup: accelerator, preflight (configs, tokenizers, data: bad input fails before any weights load), models
+           (policy + value head, reference, reward), optimizer, resume
     for each step:
         1. prompts      this rank's shard of the shuffled prompt set
         2. rollout      batched sampling from the policy (LoRA on)
@@ -33,19 +34,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train import assets, checkpoint as ckpt
 from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
-from detoxrl.train.data import PromptSampler, build_prompts, load_rows
+from detoxrl.train.data import PromptSampler
+from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train.distributed import (accumulating, describe, fill_deepspeed_config, gathered_trainable,
                                        generation_weights, make_accelerator, models_built_whole, zero_stage)
-from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, context_window, count_parameters,
-                                  detect_kind, generate_rollouts, load_tokenizer, reference_logprobs, resolve_device,
-                                  resolve_dtype)
+from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, count_parameters, generate_rollouts,
+                                  reference_logprobs, resolve_device, resolve_dtype)
 from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits,
                                     explained_variance, gae_advantages, logprobs_from_logits, masked_mean,
                                     masked_whiten, normalize_and_clip, per_token_rewards, policy_loss, value_loss)
+from detoxrl.train.preflight import preflight
 from detoxrl.train.reward import RewardModel, build_reward
 from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, setup_logging,
                                     write_json)
@@ -384,13 +385,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     np.random.seed(cfg.run.seed)
 
     with accelerator.main_process_first():  # rank 0 builds the demo assets / downloads; others then read the cache
-        policy_path = assets.resolve(cfg.policy.model, "policy")
-        data_path = assets.resolve(cfg.data.dataset, "data")
-        kind = detect_kind(policy_path, cfg.policy.kind, cfg.policy.revision, cfg.policy.trust_remote_code)
-        tokenizer = load_tokenizer(policy_path, kind, cfg.policy.revision, cfg.policy.trust_remote_code)
-        train_rows = load_rows(data_path, cfg.data.split)
-        eval_rows = load_rows(data_path, cfg.evaluation.split) if cfg.evaluation.before_after else None
-    prompts = build_prompts(train_rows, cfg.data, tokenizer, kind, cfg.run.seed)
+        inputs = preflight(cfg)  # configs, tokenizers and data only: bad input fails here, before any weights load
+    policy_path, kind, tokenizer, prompts = inputs.policy_path, inputs.kind, inputs.tokenizer, inputs.prompts
     sampler = PromptSampler(len(prompts), cfg.ppo.batch_size, rank, world, cfg.run.seed)
     log.info("%d training prompts (%s, split %s), %d process(es), global batch %d", len(prompts), cfg.data.dataset,
              cfg.data.split, world, cfg.ppo.batch_size * world)
@@ -410,12 +406,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         reference = None if shared_ref else build_reference_copy(
             cfg.policy, cfg.reference, policy_path, kind, reference_device, dtype)
         reward = build_rewards_on(cfg, reward_devices, dtype)
-    window = context_window(policy.lm.config) if kind == "causal" else None
-    max_new = max(cfg.generation.max_new_tokens, (cfg.generation.max_new_tokens_range or [0, 0])[1])
-    longest_prompt = max(len(p) for p in prompts.input_ids)
-    if window is not None and longest_prompt + max_new > window:
-        raise ValueError(f"prompt ({longest_prompt} tokens) + response ({max_new} tokens) exceeds the model's "
-                         f"window of {window}; lower data.max_prompt_tokens or generation.max_new_tokens")
     total_params, trainable_params = count_parameters(policy)
     log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, kind, dtype,
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
@@ -491,7 +481,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
 
     eval_prompts = eval_texts = None
     if cfg.evaluation.before_after:
-        held = build_prompts(eval_rows, cfg.data, tokenizer, kind, cfg.run.seed)
+        held = inputs.heldout
         n = min(cfg.evaluation.num_samples, len(held))
         eval_prompts, eval_texts = held.input_ids[:n], held.texts[:n]
         if "before" not in evaluation:
