@@ -110,7 +110,7 @@ def build_t5_policy(folder: Path, tok, size: str, dtype: str = "float32", seed: 
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       decoder_start_token_id=tok.pad_token_id,
-                      # small init: an untrained T5 at factor 1.0 samples one token only (DESIGN.md); fine either
+                      # small init: an untrained T5 at factor 1.0 samples one token only (docs/ARCHITECTURE.md); fine
                       # way for timing, but diverse samples exercise the reward tokenizer realistically
                       initializer_factor=0.05 if size == "tiny" else 1.0)
     torch.manual_seed(seed)

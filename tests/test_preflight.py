@@ -72,8 +72,8 @@ def test_bad_input_fails_in_the_preflight_before_any_weights_load(case, test_mod
 
 def test_malformed_json_line_names_the_file_and_the_line(test_models, tmp_path, no_weights):
     path = bad_jsonl(tmp_path)
-    with pytest.raises(InputError, match=rf"^data.dataset: {path}:3: not valid JSON \(Unterminated string starting at, column 14\); fix or "
-                                         r"remove that line$"):
+    with pytest.raises(InputError, match=rf"^data.dataset: {path}:3: not valid JSON \(Unterminated string starting "
+                                         r"at, column 14\); fix or remove that line$"):
         train(cola(test_models, tmp_path, f"data.dataset={path}", "data.text_field=sentence",
                    "data.template='{sentence}'"))
     path.write_text('{"sentence": "a fine line"}\n["a", "list"]\n')

@@ -18,8 +18,8 @@
 A checkpoint is written to `step-NNNNNN.tmp`, then swapped into place by train/atomic.py: a crash (even SIGKILL)
 mid-write leaves only a `.tmp` folder, which is ignored and cleaned up; a folder of the same step being replaced is
 exchanged in one step (or renamed to `.old` first where the filesystem cannot), one being pruned is renamed to `.old`
-before it is deleted. So the newest complete checkpoint survives a kill at any moment. Assumes `output_dir` is on a filesystem every rank sees
-(as on any cluster).
+before it is deleted. So the newest complete checkpoint survives a kill at any moment. Assumes `output_dir` is on a
+filesystem every rank sees (as on any cluster).
 """
 
 from __future__ import annotations

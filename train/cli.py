@@ -27,11 +27,13 @@ resume: a run continues from the newest complete checkpoint in run.output_dir/ch
 
 stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 make every process finish the current step, write a
   checkpoint and exit with status {EXIT_STOPPED}; run the same command again to resume. A second Ctrl-C
-  aborts at once (status {EXIT_ABORTED}); a kill -9 loses only the steps since the last checkpoint.
+  aborts at once (status {EXIT_ABORTED}); a kill -9 loses only the steps since the last checkpoint. A job
+  started in the background (`cmd &`, nohup), which its shell hands SIGINT ignored, keeps ignoring it.
 
-exit status: 0 finished; {EXIT_CONFIG_ERROR} config or input error (a data file, line, column or
-  model that is wrong: one line says which and how to fix it; --debug adds the traceback); {EXIT_NONFINITE} too many non-finite losses;
-  {EXIT_STOPPED} stopped by a signal after writing a checkpoint; {EXIT_ABORTED} aborted by a second Ctrl-C."""
+exit status: 0 finished; {EXIT_CONFIG_ERROR} config or input error (a key, data file, line, column or
+  model that is wrong: one line says which and how to fix it; --debug adds the traceback);
+  {EXIT_NONFINITE} too many non-finite losses; {EXIT_STOPPED} stopped by a signal after writing a checkpoint;
+  {EXIT_ABORTED} aborted by a second Ctrl-C."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

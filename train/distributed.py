@@ -1,6 +1,7 @@
 """accelerate / DeepSpeed plumbing for the loop: one place for the strategy-specific details.
 
-- `make_accelerator`: the Accelerator, refusing the silent single-process traps of CPU launches (DESIGN.md).
+- `make_accelerator`: the Accelerator, refusing the silent single-process traps of CPU launches
+  (docs/ARCHITECTURE.md, "Distributed traps").
 - `models_built_whole`: ZeRO-3 must not build the models inside `deepspeed.zero.Init` (prepare shards the policy).
 - `fill_deepspeed_config`: the DeepSpeed JSON's "auto" entries from the run config (there is no dataloader for
   accelerate to read a batch size from).
@@ -39,7 +40,7 @@ def make_accelerator(run_device: str, gradient_accumulation_steps: int):
     if use_ds and run_device == "cpu" and torch.cuda.is_available():
         raise ValueError("run.device=cpu under DeepSpeed: DeepSpeed trains on the GPUs when there are any; drop "
                          "run.device=cpu or launch without DeepSpeed")
-    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (see DESIGN.md). Only when
+    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (docs/ARCHITECTURE.md). Only when
     # launched with several processes: an explicit backend in a plain single process makes accelerate fail.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not torch.cuda.is_available() else []
     if use_ds:  # raised by DeepSpeed's own collectives on every step; nothing a user can act on
@@ -62,7 +63,7 @@ def make_accelerator(run_device: str, gradient_accumulation_steps: int):
             f"launched with WORLD_SIZE={world}, but accelerate set up {accelerator.num_processes} process(es) of "
             f"type {accelerator.distributed_type.value}, which would not synchronise gradients. On a CPU-only "
             f"machine DDP needs ACCELERATE_USE_CPU=1 with --multi_gpu; `--cpu --num_processes N` runs one process "
-            f"(DESIGN.md). detoxrl-launch builds working command lines.")
+            f"(docs/ARCHITECTURE.md). detoxrl-launch builds working command lines.")
     return accelerator
 
 
@@ -121,8 +122,8 @@ def fill_deepspeed_config(accelerator, mini_batch_size: int, gradient_accumulati
 def models_built_whole(accelerator) -> Iterator[None]:
     """Under ZeRO-3, load models whole rather than inside `deepspeed.zero.Init`: `prepare` shards the policy, while
     the reference copy and the reward models are never sharded (nothing would gather them), and T5 built inside
-    zero.Init came out degenerate (DESIGN.md). transformers decides from accelerate's global DeepSpeed config, even
-    with zero3_init_flag false, so that is hidden for the duration."""
+    zero.Init came out degenerate (docs/ARCHITECTURE.md). transformers decides from accelerate's global DeepSpeed
+    config, even with zero3_init_flag false, so that is hidden for the duration."""
     if zero_stage(accelerator) != 3:
         yield
         return

@@ -1,4 +1,5 @@
-"""The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in DESIGN.md.
+"""The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in
+docs/ARCHITECTURE.md.
 
     setup: accelerator, preflight (configs, tokenizers, data: bad input fails before any weights load), models
            (policy + value head, reference, reward), optimizer, resume
