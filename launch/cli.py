@@ -7,7 +7,7 @@
 It reads the recipe (and overrides) for the reward / reference devices, works out how many training ranks the
 machine's GPUs allow once dedicated devices are set aside, refuses impossible plans, and never hides GPUs from the
 processes (no --gpu_ids, no CUDA_VISIBLE_DEVICES). The same device rule places the models at run time
-(launch/devices.py). Multi-node: NODE_RANK (or MACHINE_RANK, SLURM_NODEID), MASTER_ADDR, MASTER_PORT and
+(train/devices.py). Multi-node: NODE_RANK (or MACHINE_RANK, SLURM_NODEID), MASTER_ADDR, MASTER_PORT and
 NUM_NODES (or SLURM_NNODES) come from the environment unless given as options.
 """
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from detoxrl.launch.devices import check_device_name, gpu_index, place_auxiliary
+from detoxrl.train.devices import check_device_name, gpu_index, place_auxiliary
 
 # The shipped accelerate / DeepSpeed files travel inside the package (launch/configs links to the repository's
 # configs/ in a checkout; a wheel holds copies), so an installed detoxrl-launch finds them without a clone.
@@ -187,7 +187,7 @@ def build_command(plan: DevicePlan, recipe: Optional[str], overrides: list[str],
         raise PlanError(f"--deepspeed-config is for the DeepSpeed strategies ({', '.join(DEEPSPEED_FILE)}), "
                         f"not {strategy}")
     if plan.n_gpus == 0:
-        # DESIGN.md traps: DDP on CPUs needs ACCELERATE_USE_CPU with a multi-process type; DeepSpeed must NOT
+        # docs/ARCHITECTURE.md, distributed traps: DDP on CPUs needs ACCELERATE_USE_CPU with a multi-process type; DeepSpeed must NOT
         # see it (accelerate would quietly drop DeepSpeed).
         if mixed_precision not in (None, "no"):
             raise PlanError(f"--mixed-precision {mixed_precision} needs GPUs; CPU processes train in float32")

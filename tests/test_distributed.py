@@ -344,7 +344,7 @@ def test_one_update_is_the_same_on_1x8_and_2x4(test_models, single_process_updat
     torch.testing.assert_close(ref_split[:, :T], ref_single[:, :T], atol=1e-5, rtol=1e-5)
 
 
-# ---- the launch traps of DESIGN.md are refused, not silently run as one process -----------------------------------
+# ---- the launch traps of docs/ARCHITECTURE.md are refused, not silently run as one process -----------------------
 def trap_worker(argv: list[str]) -> None:
     from detoxrl.train.distributed import LaunchError, make_accelerator
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from detoxrl.launch.cli import main
-from detoxrl.launch.devices import place_auxiliary
+from detoxrl.train.devices import place_auxiliary
 from detoxrl.launch.plan import (ACCELERATE_CONFIGS, DEEPSPEED_CONFIGS, DEEPSPEED_FILE, STRATEGIES, PlanError,
                                  build_command, environment_defaults, make_plan)
 

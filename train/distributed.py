@@ -1,6 +1,7 @@
 """accelerate / DeepSpeed plumbing for the loop: one place for the strategy-specific details.
 
-- `make_accelerator`: the Accelerator, refusing the silent single-process traps of CPU launches (DESIGN.md).
+- `make_accelerator`: the Accelerator, refusing the silent single-process traps of CPU launches
+  (docs/ARCHITECTURE.md, "Distributed traps").
 - `models_built_whole`: ZeRO-3 must not build the models inside `deepspeed.zero.Init` (prepare shards the policy).
 - `fill_deepspeed_config`: the DeepSpeed JSON's "auto" entries from the run config (there is no dataloader for
   accelerate to read a batch size from).
@@ -29,6 +30,8 @@ log = logging.getLogger("detoxrl.distributed")
 class LaunchError(ConfigError):
     """A launch that would train wrongly or not at all (precision, device, process count); says what to type."""
 
+    label = "launch error"  # how the CLIs introduce it (train/errors.py report)
+
 
 def deepspeed_requested() -> bool:
     """`accelerate launch` with a DeepSpeed config (or --use_deepspeed) sets this for every process."""
@@ -45,7 +48,7 @@ def make_accelerator(run_device: str, gradient_accumulation_steps: int):
     if use_ds and run_device == "cpu" and torch.cuda.is_available():
         raise LaunchError("run.device=cpu under DeepSpeed: DeepSpeed trains on the GPUs when there are any; drop "
                           "run.device=cpu or launch without DeepSpeed")
-    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (see DESIGN.md). Only when
+    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (docs/ARCHITECTURE.md). Only when
     # launched with several processes: an explicit backend in a plain single process makes accelerate fail.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not torch.cuda.is_available() else []
     if use_ds:  # raised by DeepSpeed's own collectives on every step; nothing a user can act on
@@ -140,8 +143,8 @@ def fill_deepspeed_config(accelerator, mini_batch_size: int, gradient_accumulati
 def models_built_whole(accelerator) -> Iterator[None]:
     """Under ZeRO-3, load models whole rather than inside `deepspeed.zero.Init`: `prepare` shards the policy, while
     the reference copy and the reward models are never sharded (nothing would gather them), and T5 built inside
-    zero.Init came out degenerate (DESIGN.md). transformers decides from accelerate's global DeepSpeed config, even
-    with zero3_init_flag false, so that is hidden for the duration."""
+    zero.Init came out degenerate (docs/ARCHITECTURE.md). transformers decides from accelerate's global DeepSpeed
+    config, even with zero3_init_flag false, so that is hidden for the duration."""
     if zero_stage(accelerator) != 3:
         yield
         return
