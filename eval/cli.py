@@ -100,7 +100,8 @@ def compare_main(argv: list[str]) -> int:
         print(f"detoxrl-eval compare: {err}", file=sys.stderr)
         return 2
     for r in doc["runs"]:
-        fired = ", ".join(f"{k} @ step {v}" for k, v in r["alarms_first_fired"].items()) or "no alarm"
+        fired = ", ".join(f"{k} @ step {v}" for k, v in sorted(r["alarms_first_fired"].items(),
+                                                                key=lambda kv: kv[1])) or "no alarm"
         print(f"{r['label']}: {r['steps']} steps; {fired}")
     print(f"comparison: {args.output / 'compare.html'}")
     return 0

@@ -17,6 +17,7 @@ import html
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,10 +80,12 @@ def _with_interval(values: Optional[list[float]], seed: int, n_resamples: int = 
 def final_metrics(ba: Optional[dict[str, Any]], seed: int = 0) -> Optional[dict[str, Any]]:
     """Means with 95% bootstrap intervals of the trainer's before/after, per phase: reward-model toxicity, reward,
     each judge."""
-    if not ba or "after" not in ba:
+    if not ba or "before" not in ba:
         return None
     out: dict[str, Any] = {}
     for phase in ("before", "after"):
+        if phase not in ba:  # a run an alarm or a signal stopped has no final evaluation
+            continue
         e = ba[phase]
         out[phase] = {"num_samples": e["num_samples"],
                       "toxicity": _with_interval(e.get("toxicity_values"), seed) or {"value": e["toxicity_mean"]},
@@ -108,30 +111,32 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 def unique_run_labels(dirs: list[Path]) -> list[str]:
     labels, seen = [], {}
     for d in dirs:
-        name = Path(d).resolve().name
+        name = Path(os.path.abspath(d)).name  # not resolve(): a symlinked run keeps the name it was given
         seen[name] = seen.get(name, 0) + 1
         labels.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return labels
 
 
 def side_by_side(labels: list[str], runs: list[dict[str, Any]], n: int = SIDE_BY_SIDE) -> list[dict[str, Any]]:
-    """Rows for the first `n` held-out prompts every run answered: the first run's start response, then each
-    run's final response with its reward-model and judge toxicity."""
-    evals = [r["before_after"] for r in runs]
-    if not all(e and "after" in e and e["after"].get("prompts") for e in evals):
+    """Rows for the first `n` held-out prompts of the first run with a final evaluation: its start policy's
+    response, then each run's final response to the same prompt with its reward-model and judge toxicity (None for
+    a run without that prompt or without a final evaluation, e.g. one an alarm stopped)."""
+    evals = [r["before_after"] if r["before_after"] and (r["before_after"].get("after") or {}).get("prompts")
+             else None for r in runs]
+    first = next((e for e in evals if e is not None), None)
+    if first is None:
         return []
-    index = [{p: k for k, p in enumerate(e["after"]["prompts"])} for e in evals]
-    common = [p for p in evals[0]["after"]["prompts"] if all(p in ix for ix in index)][:n]
+    index = [{p: k for k, p in enumerate(e["after"]["prompts"])} if e else {} for e in evals]
     rows = []
-    for p in common:
-        b = evals[0]["before"]
-        k0 = index[0][p]
-        row: dict[str, Any] = {"prompt": p, "start": b["responses"][k0], "start_toxicity": b["toxicity_values"][k0]}
+    for k0, p in enumerate(first["after"]["prompts"][:n]):
+        row: dict[str, Any] = {"prompt": p, "start": first["before"]["responses"][k0],
+                               "start_toxicity": first["before"]["toxicity_values"][k0]}
         for label, e, ix in zip(labels, evals, index):
-            k = ix[p]
-            a = e["after"]
-            row[label] = {"response": a["responses"][k], "toxicity": a["toxicity_values"][k],
-                          "judges": {name: j["values"][k] for name, j in (a.get("judges") or {}).items()}}
+            k = ix.get(p)
+            a = e["after"] if e else None
+            row[label] = None if k is None else {
+                "response": a["responses"][k], "toxicity": a["toxicity_values"][k],
+                "judges": {name: j["values"][k] for name, j in (a.get("judges") or {}).items()}}
         rows.append(row)
     return rows
 
@@ -193,7 +198,7 @@ def compare_runs(run_dirs: list[Path], output: Path) -> dict[str, Any]:
                   "alarms_first_fired": first_alarms(r["series"]),
                   "final": final_metrics(r["before_after"], seed=0)} for label, r in zip(labels, runs)],
         "settings_diff": settings_diff([r["config"] for r in runs]),
-        "curves": {label: {tag: {"steps": r["series"][t][0], "values": r["series"][t][1]}
+        "curves": {label: {t: {"steps": r["series"][t][0], "values": r["series"][t][1]}
                            for _, tag in CURVES for t in r["series"] if fnmatch.fnmatchcase(t, tag)}
                    for label, r in zip(labels, runs)},
         "responses": side_by_side(labels, runs),
@@ -248,13 +253,13 @@ def render_compare_html(doc: dict[str, Any], labels: list[str], png: Optional[by
     parts.append("<table class=\"metrics\" id=\"final\"><thead><tr><th>metric</th>"
                  + "".join(f"<th>{esc(x)} before</th><th>{esc(x)} after</th>" for x in labels) + "</tr></thead><tbody>")
     finals = [r["final"] for r in doc["runs"]]
-    judge_names = sorted({n for f in finals if f for n in f["after"]["judges"]})
+    judge_names = sorted({n for f in finals if f for e in f.values() for n in e["judges"]})
     rows = [("reward-model toxicity (mean P)", lambda e: e["toxicity"]), ("reward (mean)", lambda e: e["reward"])]
     rows += [(f"judge {n} toxicity (mean P)", lambda e, n=n: e["judges"].get(n)) for n in judge_names]
     for name, get in rows:
         cells = []
         for f in finals:
-            cells += [_ci(get(f[p])) if f else "—" for p in ("before", "after")]
+            cells += [_ci(get(f[p])) if f and p in f else "—" for p in ("before", "after")]
         parts.append(f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     parts.append("</tbody></table>")
     parts.append("<h2>Responses to the same held-out prompts</h2>")
@@ -266,6 +271,9 @@ def render_compare_html(doc: dict[str, Any], labels: list[str], png: Optional[by
                      f"<td class=\"text\">{esc(row['start'])}<br><small>tox {row['start_toxicity']:.3f}</small></td>"]
             for x in labels:
                 r = row[x]
+                if r is None:
+                    cells.append("<td>— (no final held-out evaluation)</td>")
+                    continue
                 judged = " ".join(f"{esc(n)} {v:.3f}" for n, v in r["judges"].items())
                 cells.append(f"<td class=\"text\">{esc(r['response'])}<br><small>tox {r['toxicity']:.3f}"
                              f"{'; ' + judged if judged else ''}</small></td>")

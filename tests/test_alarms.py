@@ -14,13 +14,11 @@ import pytest
 from detoxrl.train.alarms import (ALARMS, DISAGREEMENT, ENTROPY, KL, LENGTH, REPETITION, REWARD, SHORT,
                                   AlarmMonitor, disagreement_share, evaluate_alarms, repetition_within,
                                   response_signals, short_share, slope)
-from detoxrl.train.cli import EXIT_ALARM, main as train_main
+from detoxrl.train.cli import EXIT_ALARM
 from detoxrl.train.config import AlarmsConfig, ConfigError, load_config
 
 from conftest import REPO
 
-# The over-optimised demo (docs/alarms.md): a learning rate 3x the demo's and a fixed, weak KL pull.
-OVER_OPTIMISED = ["optim.lr=3e-3", "ppo.kl.init_coef=0.05", "ppo.kl.adaptive=false"]
 
 
 def steady(n: int, **over) -> list[dict]:
@@ -158,16 +156,6 @@ def test_shipped_demo_fires_no_alarm_and_writes_samples_with_judges(shipped_demo
         j = ev[phase]["judges"]["demo-judge"]
         assert len(j["values"]) == ev[phase]["num_samples"] == len(ev[phase]["toxicity_values"])
     assert ev["after"]["judges"]["demo-judge"]["mean"] < ev["before"]["judges"]["demo-judge"]["mean"]
-
-
-@pytest.fixture(scope="session")
-def over_optimised_run(demo_assets, tmp_path_factory) -> tuple[int, Path]:
-    """The over-optimised demo with alarms.action=stop, through the command line: (exit status, run dir)."""
-    out = tmp_path_factory.mktemp("over_optimised")
-    code = train_main(["--config", str(REPO / "configs/ppo/demo.yaml"), *OVER_OPTIMISED, "alarms.action=stop",
-                       "run.total_steps=25", "logging.sample_every=1", "logging.num_samples=16",
-                       "evaluation.before_after=false", "logging.progress_bar=false", f"run.output_dir={out}"])
-    return code, out
 
 
 @pytest.mark.slow

@@ -541,6 +541,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                                                           device, synced, judges)
             log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts)",
                      evaluation["before"]["toxicity_mean"], evaluation["before"]["reward_mean"], n)
+            if is_main:  # on disk now: a run stopped early (signal, alarm) still has its starting point
+                write_json(out / "eval_before_after.json", evaluation)
 
     # Sampling differs per rank (different prompts AND different random streams); model init was identical.
     if resume_from is None:
