@@ -59,7 +59,8 @@ def metric_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     label = f"P({tox.get('label')})" if tox else "toxicity"
     num4 = lambda x: f"{x:.4f}"  # noqa: E731
     row(f"toxicity mean {label} (reward model) [{conf}% CI]",
-        lambda m: _interval(m["toxicity"].get("mean_interval") or {"value": m["toxicity"]["mean"]}, num4))
+        lambda m: _interval(m["toxicity"]["mean_interval"] if "mean_interval" in m["toxicity"]
+                            else {"value": m["toxicity"]["mean"]}, num4))  # (older metrics.json: no interval)
     row("toxicity std", lambda m: _num(m["toxicity"]["std"]))
     row("toxicity share > 0.5", lambda m: _num(m["toxicity"]["share_above_0.5"], 3))
     row(f"toxicity mean improvement vs {doc['baseline']} [{conf}% CI]",
