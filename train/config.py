@@ -260,9 +260,10 @@ class LoggingConfig:
     log_every: int = 1
     """Write scalars (TensorBoard, metrics.jsonl, console) every N steps."""
     sample_every: int = 10
-    """Write a text table of (prompt, response, reward) samples to TensorBoard every N steps (0 = never)."""
+    """Every N steps (0 = never), write (prompt, reference, response, reward, reward terms, judge scores) rows to
+    samples.jsonl in the run folder and a text table of them to TensorBoard."""
     num_samples: int = 4
-    """Rows in that table."""
+    """Rows per sampled step (the first responses of the main process's batch)."""
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tensorboard."""
     progress_bar: bool = True

@@ -744,7 +744,10 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             print(f"\nheld-out toxicity ({b['num_samples']} prompts): before {b['toxicity_mean']:.4f} "
                   f"(std {b['toxicity_std']:.4f})  after {a['toxicity_mean']:.4f} (std {a['toxicity_std']:.4f})  "
                   f"change {evaluation['toxicity_change_pct']:+.1f}%\n"
-                  f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}", flush=True)
+                  f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}"
+                  + "".join(f"\nheld-out judge {name} toxicity: before {j['mean']:.4f}  after "
+                            f"{a['judges'][name]['mean']:.4f}" for name, j in b.get("judges", {}).items()),
+                  flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped, is_main=is_main,
