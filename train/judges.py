@@ -8,12 +8,12 @@ tokenizer, length-sorted batches, the response never cut away) and reports P(lab
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from detoxrl.train.config import JudgeConfig, RewardTermConfig
-from detoxrl.train.reward import RewardTerm
+from detoxrl.train.config import Config, JudgeConfig, RewardTermConfig
+from detoxrl.train.reward import RewardModel, RewardTerm
 
 log = logging.getLogger("detoxrl.judges")
 
@@ -45,3 +45,19 @@ def build_judges(cfgs: Sequence[JudgeConfig], resolve_path: Callable[[str, str],
         log.info("judge %s: P(%s) of %s (index %d) on %s", j.name, j.cfg.label, j.cfg.model, j.term.label_index,
                  device)
     return judges
+
+
+def reward_toxicity_term(reward: RewardModel, cfg: Config) -> Optional[RewardTerm]:
+    """The reward term whose classifier measures toxicity (evaluation.term), if it has evaluation.toxic_label."""
+    term = reward.terms[cfg.evaluation.term]
+    return term if cfg.evaluation.toxic_label in term.model.config.id2label.values() else None
+
+
+def judge_step(judges: list[Judge], tox_term: Optional[RewardTerm], toxic_label: str,
+               responses: list[str]) -> tuple[dict[str, list[float]], Optional[list[float]]]:
+    """Every judge's P(toxic) of this step's responses, and the reward classifier's own P(toxic) (None without
+    judges, or when the reward classifier has no toxic label)."""
+    if not judges:
+        return {}, None
+    judged = {j.name: j.toxicity(responses).tolist() for j in judges}
+    return judged, tox_term.label_probability(responses, toxic_label).tolist() if tox_term is not None else None

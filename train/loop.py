@@ -46,10 +46,10 @@ from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, c
 from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits,
                                     explained_variance, gae_advantages, logprobs_from_logits, masked_mean,
                                     masked_whiten, normalize_and_clip, per_token_rewards, policy_loss, value_loss)
-from detoxrl.train.judges import Judge, build_judges
-from detoxrl.train.reward import RewardModel, RewardTerm, build_reward
-from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, setup_logging,
-                                    write_json)
+from detoxrl.train.judges import Judge, build_judges, judge_step, reward_toxicity_term
+from detoxrl.train.reward import RewardModel, build_reward
+from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, sample_rows,
+                                    setup_logging, write_json)
 
 log = logging.getLogger("detoxrl.train")
 
@@ -207,22 +207,6 @@ def heldout_evaluation(policy, tokenizer, prompts: list[list[int]], prompt_texts
                         for p, r, t in zip(prompt_texts[:8], responses[:8], toxicity[:8].tolist())]}
 
 
-def reward_toxicity_term(reward: RewardModel, cfg: Config) -> Optional[RewardTerm]:
-    """The reward term whose classifier measures toxicity (evaluation.term), if it has evaluation.toxic_label."""
-    term = reward.terms[cfg.evaluation.term]
-    return term if cfg.evaluation.toxic_label in term.model.config.id2label.values() else None
-
-
-def judge_step(judges: list[Judge], tox_term: Optional[RewardTerm], toxic_label: str,
-               responses: list[str]) -> tuple[dict[str, list[float]], Optional[list[float]]]:
-    """Every judge's P(toxic) of this step's responses, and the reward classifier's own P(toxic) (None without
-    judges, or when the reward classifier has no toxic label)."""
-    if not judges:
-        return {}, None
-    judged = {j.name: j.toxicity(responses).tolist() for j in judges}
-    return judged, tox_term.label_probability(responses, toxic_label).tolist() if tox_term is not None else None
-
-
 # --------------------------------------------------------------------------------------------------------------
 # 6. The PPO update (a function of its own: the distributed equivalence test calls it on a fixed rollout)
 # --------------------------------------------------------------------------------------------------------------
@@ -365,23 +349,6 @@ def build_rewards_on(cfg: Config, devices: list[torch.device], policy_dtype: tor
     dtypes = [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (policy_dtype if dev.type == "cuda" else torch.float32)
               for t, dev in zip(cfg.reward.terms, devices)]
     return build_reward(cfg.reward.terms, assets.resolve, devices, dtypes)
-
-
-def sample_rows(prompts: list[str], references: Optional[list[Optional[str]]], responses: list[str],
-                scores: torch.Tensor, term_scores: list[torch.Tensor], reward: RewardModel,
-                judged: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """Rows for samples.jsonl and the TensorBoard table: prompt (its last 200 characters), reference, response,
-    total reward, each reward term and each judge's P(toxic)."""
-    rows = []
-    for k, (p, r) in enumerate(zip(prompts, responses)):
-        row: dict[str, Any] = {"prompt": p[-200:], "response": r, "reward": float(scores[k])}
-        if references is not None:
-            row["reference"] = references[k]
-        row["terms"] = {f"{t.name}/{t.cfg.label}": float(s[k]) for t, s in zip(reward.terms, term_scores)}
-        if judged:
-            row["judges"] = {name: v[k] for name, v in judged.items()}
-        rows.append(row)
-    return rows
 
 
 def debug_record(name: str, record: dict[str, Any]) -> None:

@@ -68,6 +68,23 @@ def duplicate_share(texts: Sequence[str]) -> float:
     return 1.0 - len(set(texts)) / len(texts) if texts else 0.0
 
 
+def sample_rows(prompts: list[str], references: Optional[list[Optional[str]]], responses: list[str],
+                scores: Sequence[float], term_scores: Sequence[Sequence[float]], reward: Any,
+                judged: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Rows for samples.jsonl and the TensorBoard table: prompt (its last 200 characters), reference, response,
+    total reward, each reward term and each judge's P(toxic)."""
+    rows = []
+    for k, (p, r) in enumerate(zip(prompts, responses)):
+        row: dict[str, Any] = {"prompt": p[-200:], "response": r, "reward": float(scores[k])}
+        if references is not None:
+            row["reference"] = references[k]
+        row["terms"] = {f"{t.name}/{t.cfg.label}": float(s[k]) for t, s in zip(reward.terms, term_scores)}
+        if judged:
+            row["judges"] = {name: v[k] for name, v in judged.items()}
+        rows.append(row)
+    return rows
+
+
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
