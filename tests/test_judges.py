@@ -88,3 +88,24 @@ def test_mean_interval_contains_the_mean():
     x = np.random.default_rng(0).random(50)
     iv = M.mean_interval(x, 500, 0.95, 0)
     assert iv["value"] == pytest.approx(x.mean()) and iv["ci_low"] < iv["value"] < iv["ci_high"]
+
+
+@pytest.mark.slow
+def test_eval_flags_a_reward_gain_that_a_contrarian_judge_disputes(shipped_demo_run, demo_assets, tmp_path):
+    """End to end: a "judge" that calls the reward model's own clean label toxic disputes every reward gain, so
+    detoxrl-eval must flag the trained demo, with examples, in metrics.json and report.html."""
+    from detoxrl.eval import cli
+
+    _, run_dir = shipped_demo_run
+    out = tmp_path / "eval"
+    contrarian = f"judges=[{{model: {demo_assets['reward']}, label: nothate, name: contrarian}}]"
+    assert cli.main([str(run_dir), contrarian, "--output", str(out), "--num-samples", "20", "--bootstrap", "300",
+                     "--no-progress"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["policies"][1]["metrics"]["vs_baseline"]["reward_mean_change"]["ci_low"] > 0
+    (flag,) = doc["flags"]
+    assert flag["policy"] == "final" and flag["judge"] == "contrarian"
+    assert flag["judge_toxicity_mean_improvement"] < 0 and flag["reward_clean_judge_toxic_share"] > 0.5
+    assert flag["examples"] and all(e["toxicity"] < 0.5 <= e["judge"] for e in flag["examples"])
+    page = (out / "report.html").read_text()
+    assert "Flag:</b> the reward of final improved" in page and 'class="flag-examples"' in page
