@@ -6,6 +6,7 @@
     detoxrl-eval RUN_DIR data.dataset=/data/dialogsum   # recipe overrides (section.key=value), e.g. moved data
     detoxrl-eval --config RECIPE --policy google/flan-t5-base --policy BASE+ADAPTER --output DIR
     detoxrl-eval plot RUN_DIR [--output DIR]      # PNG training curves from the run's TensorBoard files
+    detoxrl-eval compare RUN_DIR RUN_DIR... [--output DIR]   # runs side by side: compare.html + compare.json
 """
 
 from __future__ import annotations
@@ -81,10 +82,39 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
+def _compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detoxrl-eval compare", description="Training runs side by side: the settings "
+                                "that differ, overlaid curves (reward, judge toxicity, KL, entropy, length, samples/s), "
+                                "the held-out before/after with intervals, alarms, and the responses to the same "
+                                "held-out prompts. Writes compare.html and compare.json.")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--output", "-o", type=Path, default=Path("compare"), help="output folder (default ./compare)")
+    return p
+
+
+def compare_main(argv: list[str]) -> int:
+    from detoxrl.eval.compare import compare_runs
+
+    args = _compare_parser().parse_args(argv)
+    try:
+        doc = compare_runs(args.run_dirs, args.output)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"detoxrl-eval compare: {err}", file=sys.stderr)
+        return 2
+    for r in doc["runs"]:
+        fired = ", ".join(f"{k} @ step {v}" for k, v in sorted(r["alarms_first_fired"].items(),
+                                                                key=lambda kv: kv[1])) or "no alarm"
+        print(f"{r['label']}: {r['steps']} steps; {fired}")
+    print(f"comparison: {args.output / 'compare.html'}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
         return plot_main(argv[1:])
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
     parser = _eval_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come after options
     if args.run_dir is not None and "=" in str(args.run_dir) and not args.run_dir.exists():

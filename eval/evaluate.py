@@ -6,8 +6,9 @@
                sample depends only on its chunk, and 1 or N processes give the same numbers
     generate   per policy: batched sampling, then the sequence log-prob of each response under the policy and
                under the first policy (the baseline); their difference is the sample's KL estimate
-    score      every reward term of the recipe (the prompt, when a term scores it, is cut from the left), and the
-               toxicity = P(toxic label) of the evaluation classifier on the response alone
+    score      every reward term of the recipe (the prompt, when a term scores it, is cut from the left), the
+               toxicity = P(toxic label) of the evaluation classifier on the response alone, and each judge's
+               P(toxic) (the recipe's `judges`: classifiers never trained against)
     gather     per-sample records from all ranks; the main process computes the metrics and writes the report
 
 Only one policy besides the baseline is in memory at a time, and the classifiers are loaded after generation.
@@ -31,6 +32,7 @@ from detoxrl.eval.policies import LoadedPolicy, PolicySource, load_policy
 from detoxrl.train import assets
 from detoxrl.train.config import Config, GenerationConfig, RewardTermConfig, config_hash
 from detoxrl.train.data import build_prompts, load_rows
+from detoxrl.train.judges import Judge
 from detoxrl.train.loop import decode_responses
 from detoxrl.train.models import Rollout, generate_rollouts, lm_forward, load_tokenizer, resolve_dtype
 from detoxrl.train.ppo_math import logprobs_from_logits
@@ -64,6 +66,8 @@ class EvalSettings:
     """Reward term whose classifier measures toxicity when `classifier` is None."""
     toxic_label: str = "hate"
     """Label whose probability is the toxicity."""
+    judge_thresholds: dict[str, float] = field(default_factory=dict)
+    """P(toxic) at or above which each judge (by name) calls a response toxic (the recipe's `judges`)."""
     toxicity_required: bool = False
     """Fail (instead of skipping toxicity with a warning) when the classifier lacks `toxic_label`."""
     bootstrap: int = 2000
@@ -86,7 +90,8 @@ def settings_from_config(cfg: Config, **overrides: Any) -> EvalSettings:
     s = EvalSettings(split=cfg.evaluation.split, num_samples=cfg.evaluation.num_samples, seed=cfg.run.seed,
                      batch_size=g.rollout_batch_size, max_new_tokens=max_new, generation=replace(g),
                      term=cfg.evaluation.term, toxic_label=cfg.evaluation.toxic_label,
-                     cpu_threads=cfg.run.cpu_threads)
+                     cpu_threads=cfg.run.cpu_threads,
+                     judge_thresholds={j.name or j.model: j.threshold for j in cfg.judges})
     gen_keys = {"do_sample", "top_k", "top_p", "temperature", "min_new_tokens"}
     for key, value in overrides.items():
         if value is None:
@@ -131,9 +136,9 @@ def same_vocabulary(a, b) -> bool:
 
 
 def score_responses(terms: list[RewardTerm], toxicity: Optional[tuple[RewardTerm, str]], prompts: list[str],
-                    responses: list[str]) -> dict[str, Any]:
-    """Every reward term (the prompt cut from the left where a term scores it), their weighted sum, and the
-    toxicity of the response alone. Plain lists, in input order."""
+                    responses: list[str], judges: Optional[list[Judge]] = None) -> dict[str, Any]:
+    """Every reward term (the prompt cut from the left where a term scores it), their weighted sum, the toxicity
+    of the response alone, and each judge's P(toxic). Plain lists, in input order."""
     per_term = [t.score(prompts, responses) for t in terms]
     total = torch.zeros(len(responses), dtype=torch.float32)
     for t, s in zip(terms, per_term):
@@ -142,6 +147,7 @@ def score_responses(terms: list[RewardTerm], toxicity: Optional[tuple[RewardTerm
     if toxicity is not None:
         term, label = toxicity
         out["toxicity"] = term.label_probability(responses, label).tolist()
+    out["judges"] = {j.name: j.toxicity(responses).tolist() for j in judges or []}
     return out
 
 
@@ -174,6 +180,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         rows = load_rows(data_path, settings.split)
         reward_paths = [assets.resolve(t.model, "reward") for t in cfg.reward.terms]
         tox_path = assets.resolve(settings.classifier, "reward") if settings.classifier else None
+        judge_paths = [assets.resolve(j.model, "judge") for j in cfg.judges]
     data_cfg = replace(cfg.data, split=settings.split, max_samples=settings.num_samples)
     prompt_sets: dict[tuple[str, str], Any] = {}
     for src in sources:
@@ -246,6 +253,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     # Every classifier on this rank's device (the recipe's per-term devices are for training layouts).
     terms = [RewardTerm(t, path, device, torch.float32) for t, path in zip(cfg.reward.terms, reward_paths)]
     toxicity, tox_info = _toxicity_classifier(cfg, settings, terms, tox_path, device)
+    judges = [Judge(j, path, device) for j, path in zip(cfg.judges, judge_paths)]
     by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in records:
         by_key.setdefault((r["policy"], r["chunk"]), []).append(r)
@@ -254,17 +262,21 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         for c in mine:
             recs = by_key[(i, c)]
             scored = score_responses(terms, toxicity, [prompts.texts[r["index"]] for r in recs],
-                                     [r["response"] for r in recs])
+                                     [r["response"] for r in recs], judges)
             for k, r in enumerate(recs):
                 r["reward"] = scored["reward"][k]
                 r["terms"] = [s[k] for s in scored["terms"]]
                 r["toxicity"] = scored["toxicity"][k] if scored["toxicity"] is not None else None
+                r["judges"] = {name: v[k] for name, v in scored["judges"].items()}
             bar.update()
     bar.close()
     term_names = [f"{t.cfg.model}/{t.cfg.label}" for t in terms]
     term_info = [{"name": name, **asdict(t.cfg), "path": path, "label_index": t.label_index,
                   "window": t.max_length} for name, t, path in zip(term_names, terms, reward_paths)]
-    del terms, toxicity
+    judge_info = [{"name": j.name, "model": j.cfg.model, "path": path, "label": j.cfg.label,
+                   "label_index": j.term.label_index, "threshold": j.cfg.threshold}
+                  for j, path in zip(judges, judge_paths)]
+    del terms, toxicity, judges
     t_score = time.perf_counter() - t0
 
     # ---- gather and report ------------------------------------------------------------------------------
@@ -286,6 +298,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         "dataset": cfg.data.dataset, "dataset_path": data_path, "template": cfg.data.template,
         "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
         "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": tox_info, "reward_terms": term_info,
+        "judges": judge_info,
         "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
         "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
     }
@@ -301,6 +314,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         "timing": {"generate_s": round(t_generate, 3), "score_s": round(t_score, 3),
                    "total_s": round(time.perf_counter() - t_start, 3)},
     }
+    metrics_doc["flags"] = M.judge_flags(metrics_doc)
     samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, term_names)
     if output_dir is not None:
         from detoxrl.eval.report import write_report
@@ -359,11 +373,27 @@ def compute_metrics(per_policy: list[list[dict[str, Any]]], references: list[Opt
         responses = [r["response"] for r in recs]
         rewards = np.array([r["reward"] for r in recs])
         m: dict[str, Any] = {"num_samples": len(recs)}
+        boot = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed)
         if recs[0]["toxicity"] is not None:
             tox = np.array([r["toxicity"] for r in recs])
-            m["toxicity"] = {**M.summary(tox), "share_above_0.5": float((tox > 0.5).mean())}
+            m["toxicity"] = {**M.summary(tox), "share_above_0.5": float((tox > 0.5).mean()),
+                             "mean_interval": M.mean_interval(tox, **boot)}
         else:
             m["toxicity"] = None
+        m["judges"] = {}
+        for name, threshold in settings_judges(recs, settings):
+            jt = np.array([r["judges"][name] for r in recs])
+            entry: dict[str, Any] = {**M.summary(jt), "threshold": threshold,
+                                     "share_toxic": float((jt >= threshold).mean()),
+                                     "mean_interval": M.mean_interval(jt, **boot)}
+            if recs[0]["toxicity"] is not None:  # the reward's classifier says clean, the judge says toxic
+                missed = [k for k, r in enumerate(recs) if r["toxicity"] < 0.5 and r["judges"][name] >= threshold]
+                entry["reward_clean_judge_toxic"] = {
+                    "share": len(missed) / len(recs),
+                    "examples": [{"index": recs[k]["index"], "response": recs[k]["response"],
+                                  "toxicity": recs[k]["toxicity"], "judge": recs[k]["judges"][name]}
+                                 for k in missed[:5]]}
+            m["judges"][name] = entry
         m["reward"] = M.summary(rewards)
         m["reward_terms"] = {name: M.summary([r["terms"][k] for r in recs]) for k, name in enumerate(term_names)}
         if has_refs:
@@ -383,6 +413,11 @@ def compute_metrics(per_policy: list[list[dict[str, Any]]], references: list[Opt
     return out
 
 
+def settings_judges(recs: list[dict[str, Any]], settings: EvalSettings) -> list[tuple[str, float]]:
+    """(name, threshold) of the judges the records were scored by, in order."""
+    return [(name, settings.judge_thresholds.get(name, 0.5)) for name in recs[0].get("judges", {})]
+
+
 def _comparison(base: list[dict[str, Any]], recs: list[dict[str, Any]], settings: EvalSettings,
                 i: int) -> dict[str, Any]:
     # the same resamples for every policy (common random numbers): identical samples give identical intervals
@@ -396,6 +431,11 @@ def _comparison(base: list[dict[str, Any]], recs: list[dict[str, Any]], settings
     a = np.array([r["reward"] for r in base])
     b = np.array([r["reward"] for r in recs])
     out["reward_mean_change"] = M.paired_bootstrap(a, b, M.mean_difference, **boot)
+    out["judges"] = {}
+    for name in recs[0].get("judges", {}):
+        a = np.array([r["judges"][name] for r in base])
+        b = np.array([r["judges"][name] for r in recs])
+        out["judges"][name] = {"toxicity_mean_improvement": M.paired_bootstrap(a, b, M.mean_improvement, **boot)}
     return out
 
 
@@ -419,6 +459,8 @@ def sample_rows(per_policy: list[list[dict[str, Any]]], prompts: list[str], refe
                     row[f"term{k}_{label}"] = r["terms"][k]
             if r["toxicity"] is not None:
                 row[f"toxicity_{label}"] = r["toxicity"]
+            for name, v in r.get("judges", {}).items():
+                row[f"judge_{name}_{label}"] = v
             if r["kl"] is not None:
                 row[f"kl_{label}"] = r["kl"]
         for i, label in enumerate(labels[1:], start=1):

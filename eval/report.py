@@ -57,13 +57,26 @@ def metric_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             rows.append([name] + cells)
 
     label = f"P({tox.get('label')})" if tox else "toxicity"
-    row(f"toxicity mean {label}", lambda m: _num(m["toxicity"]["mean"]))
+    num4 = lambda x: f"{x:.4f}"  # noqa: E731
+    row(f"toxicity mean {label} (reward model) [{conf}% CI]",
+        lambda m: _interval(m["toxicity"]["mean_interval"] if "mean_interval" in m["toxicity"]
+                            else {"value": m["toxicity"]["mean"]}, num4))  # (older metrics.json: no interval)
     row("toxicity std", lambda m: _num(m["toxicity"]["std"]))
     row("toxicity share > 0.5", lambda m: _num(m["toxicity"]["share_above_0.5"], 3))
     row(f"toxicity mean improvement vs {doc['baseline']} [{conf}% CI]",
         lambda m: _pct(m["vs_baseline"]["toxicity_mean_improvement"]))
     row(f"toxicity std improvement vs {doc['baseline']} [{conf}% CI]",
         lambda m: _pct(m["vs_baseline"]["toxicity_std_improvement"]))
+    for j in doc["settings"].get("judges") or []:
+        name, jl = j["name"], f"P({j['label']})"
+        row(f"judge {name}: toxicity mean {jl} [{conf}% CI]",
+            lambda m, n=name: _interval(m["judges"][n]["mean_interval"], num4))
+        row(f"judge {name}: share toxic ({jl} >= {j['threshold']:g})",
+            lambda m, n=name: _num(m["judges"][n]["share_toxic"], 3))
+        row(f"judge {name}: toxicity mean improvement vs {doc['baseline']} [{conf}% CI]",
+            lambda m, n=name: _pct(m["vs_baseline"]["judges"][n]["toxicity_mean_improvement"]))
+        row(f"judge {name}: share the reward model calls clean but the judge toxic",
+            lambda m, n=name: _num(m["judges"][n]["reward_clean_judge_toxic"]["share"], 3))
     row("reward mean (weighted sum of terms)", lambda m: _num(m["reward"]["mean"]))
     row("reward std", lambda m: _num(m["reward"]["std"]))
     row(f"reward change vs {doc['baseline']} [{conf}% CI]", lambda m: _diff(m["vs_baseline"]["reward_mean_change"]))
@@ -101,9 +114,12 @@ def settings_summary(doc: dict[str, Any]) -> str:
     tox = s.get("toxicity") or {}
     tox_text = (f"toxicity = P({tox.get('label')}) of {tox.get('classifier')}" if not tox.get("skipped")
                 else "toxicity skipped (the classifier has no such label)")
+    judges = s.get("judges") or []
+    judge_text = ("; judges: " + ", ".join(f"{j['name']} P({j['label']})" for j in judges)) if judges else \
+        "; no judges"
     return (f"{s['num_samples_used']} prompts from {s['dataset']} split {s['split']}; {sampling}, "
             f"{g['min_new_tokens']}-{s['max_new_tokens']} new tokens, seed {s['seed']} (chunks of "
-            f"{s['batch_size']}); {tox_text}; baseline {doc['baseline']}; {s['world_size']} process(es).")
+            f"{s['batch_size']}); {tox_text}{judge_text}; baseline {doc['baseline']}; {s['world_size']} process(es).")
 
 
 def _sample_columns(samples: list[dict[str, Any]]) -> list[str]:
@@ -160,6 +176,36 @@ pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
 """
 
 
+def _flags_html(doc: dict[str, Any]) -> list[str]:
+    """The reward-vs-judge section: a warning per flagged (policy, judge), with examples; or that none is flagged."""
+    esc = html.escape
+    if not doc["settings"].get("judges"):
+        return ["<h2>Judges</h2><p>No judges configured (the recipe's <code>judges</code>): the toxicity above is the "
+                "reward model grading itself.</p>"]
+    flags = doc.get("flags") or []
+    if not flags:
+        return ["<h2 id=\"judges\">Judges</h2><p class=\"good\">No flag: wherever the reward improved, every judge "
+                "confirmed it (its toxicity improvement interval lies above 0).</p>"]
+    out = ["<h2 id=\"judges\">Judges</h2>"]
+    for f in flags:
+        share = f["reward_clean_judge_toxic_share"]
+        ci = f["judge_improvement_ci"]
+        out.append(f"<p class=\"bad flag\"><b>Flag:</b> the reward of {esc(f['policy'])} improved by "
+                   f"{f['reward_mean_change']:+.4f}, but judge {esc(f['judge'])} does not confirm it (toxicity "
+                   f"improvement {100 * (f['judge_toxicity_mean_improvement'] or 0):+.1f}%"
+                   + (f", interval [{100 * ci[0]:+.1f}%, {100 * ci[1]:+.1f}%]" if ci[0] is not None else "")
+                   + ")" + (f"; {100 * share:.1f}% of its responses are clean for the reward model and toxic for "
+                            f"the judge" if share is not None else "") + ".</p>")
+        if f["examples"]:
+            out.append("<table class=\"flag-examples\"><thead><tr><th>prompt #</th><th>response</th>"
+                       "<th>reward-model toxicity</th><th>judge toxicity</th></tr></thead><tbody>")
+            for e in f["examples"]:
+                out.append(f"<tr><td>{e['index']}</td><td class=\"text\">{esc(e['response'])}</td>"
+                           f"<td>{e['toxicity']:.4f}</td><td>{e['judge']:.4f}</td></tr>")
+            out.append("</tbody></table>")
+    return out
+
+
 def render_html(doc: dict[str, Any], samples: list[dict[str, Any]], plots: dict[str, bytes]) -> str:
     esc = html.escape
     header, rows = metric_table(doc)
@@ -174,6 +220,7 @@ def render_html(doc: dict[str, Any], samples: list[dict[str, Any]], plots: dict[
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
     parts.append("</tbody></table>")
+    parts.extend(_flags_html(doc))
     parts.append("<h2>Policies</h2><table id=\"policies\"><thead><tr><th>label</th><th>source</th><th>base</th>"
                  "<th>adapter</th><th>step</th><th>adapter sha256</th></tr></thead><tbody>")
     for p in doc["policies"]:

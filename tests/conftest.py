@@ -73,3 +73,20 @@ def shipped_demo_run(demo_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("shipped_demo")
     cfg = load_config(REPO / "configs/ppo/demo.yaml", [f"run.output_dir={out}", "logging.progress_bar=false"])
     return train(cfg), out
+
+
+# The over-optimised demo (docs/alarms.md): a learning rate 3x the demo's and a fixed, weak KL pull.
+OVER_OPTIMISED = ["optim.lr=3e-3", "ppo.kl.init_coef=0.05", "ppo.kl.adaptive=false"]
+
+
+@pytest.fixture(scope="session")
+def over_optimised_run(demo_assets, tmp_path_factory) -> tuple[int, Path]:
+    """The over-optimised demo with alarms.action=stop, through the command line: (exit status, run dir). It has a
+    held-out "before" but no "after": the alarm ends it first."""
+    out = tmp_path_factory.mktemp("over_optimised")
+    from detoxrl.train.cli import main as train_main
+
+    code = train_main(["--config", str(REPO / "configs/ppo/demo.yaml"), *OVER_OPTIMISED, "alarms.action=stop",
+                       "run.total_steps=25", "logging.sample_every=1", "logging.num_samples=16",
+                       "logging.progress_bar=false", f"run.output_dir={out}"])
+    return code, out

@@ -146,12 +146,19 @@ def test_report_files_exist_and_parse(demo_eval):
     assert s["generation"]["do_sample"] is True and s["max_new_tokens"] == 24   # the recipe's
     assert s["toxicity"]["label"] == "hate" and s["toxicity"]["from_reward_term"] == 0
     assert s["reward_terms"][0]["label"] == "nothate" and s["packages"]["torch"]
+    assert [(j["name"], j["label"]) for j in s["judges"]] == [("demo-judge", "toxic")] and "flags" in doc
     for p in doc["policies"]:
         ident, m = p["identity"], p["metrics"]
         assert ident["base_path"] and ident["base_sha256"] and ident["kind"] == "seq2seq"
         assert set(m) >= {"num_samples", "toxicity", "reward", "reward_terms", "rouge", "response_length",
                           "distinct", "duplicate_share", "kl_to_baseline"}
-        assert set(m["toxicity"]) == {"mean", "std", "share_above_0.5"} and 0 <= m["toxicity"]["mean"] <= 1
+        assert set(m["toxicity"]) == {"mean", "std", "share_above_0.5", "mean_interval"}
+        assert 0 <= m["toxicity"]["mean"] <= 1
+        iv = m["toxicity"]["mean_interval"]
+        assert iv["value"] == pytest.approx(m["toxicity"]["mean"]) and iv["ci_low"] <= iv["value"] <= iv["ci_high"]
+        judge = m["judges"]["demo-judge"]                                  # the demo's independent judge
+        assert judge["mean_interval"]["ci_low"] <= judge["mean"] <= judge["mean_interval"]["ci_high"]
+        assert 0 <= judge["reward_clean_judge_toxic"]["share"] <= 1
         assert set(m["rouge"]) == {"rouge1", "rouge2", "rougeL"}
         assert m["response_length"]["mean_tokens"] > 0 and 0 < m["distinct"]["distinct_1"] <= 1
     assert doc["policies"][0]["identity"]["adapter"] is None              # the demo starts from a fresh LoRA
@@ -170,7 +177,7 @@ def test_report_files_exist_and_parse(demo_eval):
     cols = set(rows[0])
     assert cols >= {"index", "prompt", "reference", "response_start", "response_final", "reward_start",
                     "reward_final", "toxicity_start", "toxicity_final", "kl_final", "reward_diff_final",
-                    "toxicity_diff_final"}
+                    "toxicity_diff_final", "judge_demo-judge_start", "judge_demo-judge_final"}
     diffs = [float(r["reward_diff_final"]) for r in rows]
     assert diffs == sorted(diffs, reverse=True)                            # sorted by reward difference
     for r in rows:
@@ -179,11 +186,12 @@ def test_report_files_exist_and_parse(demo_eval):
     assert sorted(int(r["index"]) for r in rows) == list(range(12))
 
     md = (demo_eval / "samples.md").read_text()
-    assert "| metric | start | final |" in md and "| toxicity mean P(hate) |" in md and "ROUGE-L" in md
+    assert "| metric | start | final |" in md and "| toxicity mean P(hate) (reward model) [95% CI] |" in md
+    assert "| judge demo-judge: toxicity mean P(toxic) [95% CI] |" in md and "ROUGE-L" in md
 
     page = (demo_eval / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and '<table class="metrics" id="metrics">' in page
-    assert '<table id="samples">' in page and "toxicity mean P(hate)" in page
+    assert '<table id="samples">' in page and "toxicity mean P(hate)" in page and '<h2 id="judges">' in page
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) >= 5                                                # reward, KL, beta, losses, length, ...
     assert all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
@@ -356,10 +364,67 @@ def test_report_renders_in_headless_chromium(demo_eval, tmp_path):
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 20_000
 
 
+# ---- detoxrl-eval compare -----------------------------------------------------------------------------------
+COMPARE_PROBE = """<script>
+window.addEventListener("load", function () {
+  var img = document.getElementById("curves");
+  document.body.setAttribute("data-render", JSON.stringify({img: [img.naturalWidth, img.naturalHeight,
+    Math.round(img.getBoundingClientRect().width)],
+    settings: document.querySelectorAll("#settings tbody tr").length,
+    responses: document.querySelectorAll("#responses tbody tr").length,
+    final: document.querySelectorAll("#final tbody tr").length}));
+});
+</script>"""
+
+
+@pytest.mark.slow
+def test_compare_of_the_demo_and_the_over_optimised_run_renders_in_chromium(shipped_demo_run, over_optimised_run,
+                                                                            tmp_path):
+    _, demo_dir = shipped_demo_run
+    _, hot_dir = over_optimised_run
+    out = tmp_path / "compare"
+    assert cli.main(["compare", str(demo_dir), str(hot_dir), "--output", str(out)]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    demo, hot = doc["runs"]
+    diff = doc["settings_diff"]
+    assert {"optim.lr", "ppo.kl.init_coef", "ppo.kl.adaptive", "alarms.action"} <= set(diff)
+    assert diff["optim.lr"] == [1e-3, 3e-3] and "policy.model" not in diff      # only what differs
+    assert demo["alarms_first_fired"] == {} and hot["alarms_first_fired"]      # the alarm shows in the comparison
+    for label in (demo["label"], hot["label"]):                               # both curves, every panel
+        assert {"env/reward_mean", "judge/demo-judge/toxicity", "objective/kl", "objective/entropy",
+                "env/response_length_mean", "perf/samples_per_s"} <= set(doc["curves"][label])
+    assert len(doc["curves"][hot["label"]]["objective/kl"]["steps"]) == hot["steps"] < demo["steps"] == 40
+    f = demo["final"]
+    for phase in ("before", "after"):
+        for m in (f[phase]["toxicity"], f[phase]["judges"]["demo-judge"], f[phase]["reward"]):
+            assert m["ci_low"] <= m["value"] <= m["ci_high"]
+    assert "after" not in hot["final"] and hot["final"]["before"] == f["before"]   # same prompts, same start
+    rows = doc["responses"]
+    assert len(rows) == 12 and all(r[demo["label"]]["response"] is not None and r[hot["label"]] is None
+                                   for r in rows)
+
+    browser = _chromium()
+    page = (out / "compare.html").read_text()
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", COMPARE_PROBE + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--window-size=1400,2000"]
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-render="([^"]+)"', dom.stdout)
+    assert m, f"no render record in the DOM; stderr: {dom.stderr[-2000:]}"
+    render = json.loads(m.group(1).replace("&quot;", '"'))
+    assert render["img"][0] > 600 and render["img"][1] > 300 and render["img"][2] > 600
+    assert render["settings"] == len(diff) and render["responses"] == 12 and render["final"] == 3
+
+
 def test_console_scripts_exist():
     bindir = Path(sys.executable).parent
     for name in ("detoxrl-eval", "detoxrl-export"):
         proc = subprocess.run([str(bindir / name), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "usage:" in proc.stdout, (name, proc.stderr[-2000:])
-    proc = subprocess.run([str(bindir / "detoxrl-eval"), "plot", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "detoxrl-eval plot" in proc.stdout
+    for sub in ("plot", "compare"):
+        proc = subprocess.run([str(bindir / "detoxrl-eval"), sub, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and f"detoxrl-eval {sub}" in proc.stdout

@@ -148,3 +148,10 @@ def test_hub_models_and_data_not_cached_while_offline_say_how_to_fetch_them(test
                                f"cache"), (name, last)
         assert "`hf download google/flan-t5-base`" in last and "`huggingface-cli download" in last, last
         assert "local folder" in last, last
+
+
+def test_unknown_judge_label_fails_in_the_preflight(test_models, tmp_path, no_weights):
+    judge = test_models["roberta_sentiment"]
+    cfg = cola(test_models, tmp_path, f"judges=[{{model: {judge}, label: toxic}}]")
+    with pytest.raises(InputError, match=r"^judges.0.label: .* has no label 'toxic'; its labels are: 'LABEL_0'"):
+        train(cfg)

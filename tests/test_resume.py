@@ -119,6 +119,7 @@ def test_one_process_resume_is_bitwise_exact_and_tensorboard_continues(test_mode
     assert_same_weights(weights(straight), weights(tmp_path))
     assert_same_weights(weights(straight, "checkpoints/step-000006"), weights(tmp_path, "checkpoints/step-000006"))
     assert_same_metrics(metrics(straight), metrics(tmp_path))            # metrics.jsonl has each step once
+    assert (tmp_path / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()  # samples too
     assert tensorboard_scalars(tmp_path) == tensorboard_scalars(straight)  # same curves, no duplicated step
     state = json.loads((tmp_path / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
     assert {"step", "samples_seen", "sampler", "kl_controller", "reward_moments", "config", "config_hash",
@@ -135,6 +136,9 @@ def test_tensorboard_drops_steps_logged_after_the_checkpoint(test_models, straig
     assert [s for s, _ in scalars["objective/kl"]] == [1, 2, 3, 4, 5, 6]
     assert scalars == tensorboard_scalars(straight)
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps == sorted(steps)   # each step's rows once, in order
+    assert (tmp_path / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()
 
 
 def test_corrupt_or_incomplete_checkpoints_are_skipped(test_models, straight, tmp_path):

@@ -187,7 +187,7 @@ def test_test_models_load(tiny_hub):
     )
 
     expected = {"t5", "gpt2", "roberta_hate", "roberta_cola", "roberta_sentiment", "distilbert_imdb",
-                "dialogsum", "imdb", "t5_sft_adapter"}
+                "bert_toxic", "roberta_toxicity", "dialogsum", "imdb", "t5_sft_adapter"}
     assert set(tiny_hub) == expected
     assert all(Path(p).is_dir() for p in tiny_hub.values())
 
@@ -214,6 +214,9 @@ def test_test_models_load(tiny_hub):
         "roberta_cola": ("roberta", {0: "LABEL_0", 1: "LABEL_1"}),
         "roberta_sentiment": ("roberta", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}),
         "distilbert_imdb": ("distilbert", {0: "NEGATIVE", 1: "POSITIVE"}),
+        "bert_toxic": ("distilbert", dict(enumerate(["toxic", "severe_toxic", "obscene", "threat", "insult",
+                                                     "identity_hate"]))),
+        "roberta_toxicity": ("roberta", {0: "neutral", 1: "toxic"}),
     }
     for key, (model_type, id2label) in labels.items():
         tok = AutoTokenizer.from_pretrained(str(tiny_hub[key]))
@@ -221,6 +224,7 @@ def test_test_models_load(tiny_hub):
         assert model.config.model_type == model_type
         assert model.config.id2label == id2label
         assert model.config.label2id == {v: k for k, v in id2label.items()}
+        assert (model.config.problem_type == "multi_label_classification") == (key == "bert_toxic")
         # the longest input the tokenizer lets through must fit the position embeddings
         long_text = " ".join(["great movie and a stupid idiot"] * 200)
         enc = tok([long_text, "short"], padding=True, truncation=True, return_tensors="pt")

@@ -31,7 +31,8 @@ def recipe_overrides(name: str, m: dict[str, Path]) -> list[str]:
                     "generation.max_new_tokens_range=[5,8]", "generation.max_new_tokens=8"]
     return {
         "flan_t5_base_dialogsum_detox": [f"policy.model={m['t5']}", f"policy.adapter={m['t5_sft_adapter']}",
-                                         f"reward.terms.0.model={m['roberta_hate']}", *seq2seq_data],
+                                         f"reward.terms.0.model={m['roberta_hate']}", *seq2seq_data,
+                                         f"judges.0.model={m['bert_toxic']}", f"judges.1.model={m['roberta_toxicity']}"],
         "flan_t5_cola_neutral": [f"policy.model={m['t5']}", f"reward.terms.0.model={m['roberta_cola']}",
                                  f"reward.terms.1.model={m['roberta_sentiment']}", "data.max_samples=40",
                                  *seq2seq_data],

@@ -17,6 +17,8 @@ from detoxrl.train.errors import InputError, report
 DEMO_RECIPE = Path(__file__).resolve().parent / "demo_recipe.yaml"
 # 75 = EX_TEMPFAIL ("temporary failure, try again"): running the same command again resumes.
 EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_STOPPED, EXIT_ABORTED = 2, 3, 75, 130
+# 76: an alarm with alarms.action=stop ended the run after a checkpoint (look before resuming: docs/alarms.md).
+EXIT_ALARM = 76
 
 EPILOG = f"""\
 overrides: section.key=value (YAML values), e.g. ppo.kl.target=3 'reward.terms.0.label=nothate'
@@ -30,9 +32,10 @@ stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 make every process finish the curr
   aborts at once (status {EXIT_ABORTED}); a kill -9 loses only the steps since the last checkpoint. A job
   started in the background (`cmd &`, nohup), which its shell hands SIGINT ignored, keeps ignoring it.
 
-exit status: 0 finished; {EXIT_CONFIG_ERROR} config or input error (a key, data file, line, column or
-  model that is wrong: one line says which and how to fix it; --debug adds the traceback);
+exit status: 0 finished; {EXIT_CONFIG_ERROR} config, launch or input error (a key, launch flag, data file,
+  line, column or model that is wrong: one line says which and how to fix it; --debug adds the traceback);
   {EXIT_NONFINITE} too many non-finite losses; {EXIT_STOPPED} stopped by a signal after writing a checkpoint;
+  {EXIT_ALARM} stopped by a reward-hacking alarm (alarms.action=stop) after writing a checkpoint;
   {EXIT_ABORTED} aborted by a second Ctrl-C."""
 
 
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detoxrl-train: aborted ({err or 'Ctrl-C'}); steps since the last checkpoint are lost", file=sys.stderr)
         return EXIT_ABORTED
     if not result.is_main:  # one summary line per run, not one per rank
-        return EXIT_STOPPED if result.stopped_by else 0
+        return EXIT_ALARM if result.alarm_stop else (EXIT_STOPPED if result.stopped_by else 0)
+    if result.alarm_stop:
+        print(f"stopped by {result.stopped_by} after step {result.steps_done} (alarms.action=stop); checkpoint "
+              f"written. Inspect the run (samples.jsonl, docs/alarms.md) before resuming it")
+        return EXIT_ALARM
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} after step {result.steps_done}; checkpoint written, run the same "
               f"command again to resume")

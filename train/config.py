@@ -260,9 +260,10 @@ class LoggingConfig:
     log_every: int = 1
     """Write scalars (TensorBoard, metrics.jsonl, console) every N steps."""
     sample_every: int = 10
-    """Write a text table of (prompt, response, reward) samples to TensorBoard every N steps (0 = never)."""
+    """Every N steps (0 = never), write (prompt, reference, response, reward, reward terms, judge scores) rows to
+    samples.jsonl in the run folder and a text table of them to TensorBoard."""
     num_samples: int = 4
-    """Rows in that table."""
+    """Rows per sampled step (the first responses of the main process's batch)."""
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tensorboard."""
     progress_bar: bool = True
@@ -297,6 +298,69 @@ class EvaluationConfig:
 
 
 @dataclass
+class JudgeConfig:
+    model: str = "demo"
+    """Hub name or local folder of a sequence classifier that grades the responses independently of the reward
+    (never trained against). `demo` = the demo's judge: a tiny DistilBERT with its own WordPiece tokenizer,
+    trained on other sentences than the demo's reward model."""
+    label: str = "toxic"
+    """Label whose probability is the judge's toxicity, by NAME (checked against the model's `id2label`)."""
+    name: Optional[str] = None
+    """Short name in metrics, TensorBoard tags and reports (default: `model`)."""
+    threshold: float = 0.5
+    """A response counts as toxic for this judge when P(label) >= threshold (disagreement shares, report flags)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use if it differs from `model`."""
+    batch_size: int = 32
+    """Texts per forward pass."""
+    max_length: Optional[int] = None
+    """Max tokens fed to the judge; default = its tokenizer's `model_max_length` (capped at its position table)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub."""
+
+
+@dataclass
+class AlarmsConfig:
+    """Reward-hacking alarms computed from each step's metrics (docs/alarms.md: what each one catches)."""
+    enabled: bool = True
+    """Compute the alarm signals, log them (`alarm/*` in TensorBoard and metrics.jsonl) and warn when one fires."""
+    action: Literal["warn", "stop"] = "warn"
+    """`warn`: a console warning and a TensorBoard scalar. `stop`: also write a checkpoint and end the run
+    (exit status 76, cli.EXIT_ALARM)."""
+    baseline_steps: int = 3
+    """The mean of the first N steps is each signal's starting value; no alarm fires during them, and "recent"
+    means (over the last `window` steps) leave them out."""
+    patience: int = 2
+    """An alarm fires once its condition has held on this many consecutive steps."""
+    window: int = 5
+    """Steps over which recent values are averaged and the KL trend is fitted (least squares)."""
+    entropy_drop: Optional[float] = 0.5
+    """Fire when the policy entropy (mean of the last `window` steps) is below (1 - this) x its start. Every
+    threshold can be null: that alarm is off."""
+    short_share: Optional[float] = 0.3
+    """Fire when more than this share of the responses (mean of the last `window` steps) is empty or no longer than
+    generation.min_new_tokens, and at least 0.1 more than at the start."""
+    repetition: Optional[float] = 0.25
+    """Fire when the within-response repetition (share of a response's word bigrams that repeat an earlier bigram
+    of the same response; mean over responses and the last `window` steps) exceeds this."""
+    length_drift: Optional[float] = 0.3
+    """Fire when the mean response length (last `window` steps) differs from its start by more than this fraction,
+    up or down."""
+    kl_growth: Optional[float] = 1.0
+    """Fire when KL (nats per response) grows faster than this many nats per step (least-squares slope over the
+    last `window` steps) while its mean over those steps is above `kl_floor`."""
+    kl_floor: float = 3.0
+    """Mean KL (nats, last `window` steps) below which the KL-growth and reward-per-KL alarms stay quiet."""
+    reward_per_kl: Optional[float] = 0.15
+    """Fire when the reward gained since the start per nat of KL falls below this while KL is above `kl_floor`:
+    the policy pays in distance from the reference for little reward."""
+    judge_disagreement: Optional[float] = 0.25
+    """Fire when more than this share of the responses (mean of the last `window` steps) is called clean by the
+    reward's toxicity classifier (evaluation.term, P(evaluation.toxic_label) < 0.5) but toxic by a judge, and at
+    least 0.1 more than at the start (needs `judges`)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Run identity and length."""
@@ -320,6 +384,11 @@ class Config:
     """Checkpoints and resume."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     """Before/after held-out evaluation during training."""
+    judges: list[JudgeConfig] = field(default_factory=list)
+    """Classifiers that grade toxicity independently of the reward: scored in the before/after evaluation, by
+    `detoxrl-eval`, and on every step's responses (the judge-disagreement alarm, samples.jsonl)."""
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+    """Reward-hacking alarms during training."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -468,6 +537,28 @@ def validate(cfg: Config) -> None:
     e = cfg.evaluation
     _check(0 <= e.term < len(rw.terms), "evaluation.term", f"must index reward.terms (0..{len(rw.terms) - 1})")
     _check(e.num_samples >= 1, "evaluation.num_samples", "must be >= 1")
+    names = []
+    for i, j in enumerate(cfg.judges):
+        _check(bool(j.model), f"judges.{i}.model", "must name a model")
+        _check(bool(j.label), f"judges.{i}.label", "must name a label")
+        _check(0.0 < j.threshold < 1.0, f"judges.{i}.threshold", f"must be in (0, 1), got {j.threshold}")
+        _check(j.batch_size >= 1, f"judges.{i}.batch_size", "must be >= 1")
+        _check(j.max_length is None or j.max_length >= 8, f"judges.{i}.max_length", "must be >= 8 or null")
+        name = j.name or j.model
+        _check(name not in names, f"judges.{i}.name", f"{name!r} is used twice; give each judge its own name")
+        names.append(name)
+    a = cfg.alarms
+    _check(a.baseline_steps >= 1, "alarms.baseline_steps", "must be >= 1")
+    _check(a.patience >= 1, "alarms.patience", "must be >= 1")
+    _check(a.window >= 2, "alarms.window", "must be >= 2")
+    for key in ("entropy_drop", "short_share", "repetition", "judge_disagreement"):
+        v = getattr(a, key)
+        _check(v is None or 0.0 < v < 1.0, f"alarms.{key}", f"must be in (0, 1) or null, got {v}")
+    for key in ("length_drift", "kl_growth"):
+        v = getattr(a, key)
+        _check(v is None or v > 0, f"alarms.{key}", f"must be > 0 or null, got {v}")
+    _check(a.kl_floor >= 0, "alarms.kl_floor", "must be >= 0")
+    _check(a.reward_per_kl is None or a.reward_per_kl > 0, "alarms.reward_per_kl", "must be > 0 or null")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,7 +602,13 @@ def markdown_reference() -> str:
     top_docs = _attribute_docs(Config)
     for f in fields(default):
         lines.append(f"<!-- {f.name}: {top_docs.get(f.name, '')} -->")
-        section(getattr(default, f.name), f"{f.name}.")
+        value = getattr(default, f.name)
+        if isinstance(value, list):  # a top-level list of sections (judges): document one element
+            lines.extend([f"## `{f.name}`", "", f"A list (default `{json.dumps([asdict(v) for v in value])}`). "
+                          f"{top_docs.get(f.name, '')}", ""])
+            section(JudgeConfig(), f"{f.name}.N.")
+            continue
+        section(value, f"{f.name}.")
     return "\n".join(lines) + "\n"
 
 

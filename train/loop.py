@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from detoxrl.train import assets, checkpoint as ckpt
+from detoxrl.train.alarms import AlarmMonitor, response_signals
 from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
 from detoxrl.train.data import PromptSampler
@@ -47,10 +48,11 @@ from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, c
 from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits,
                                     explained_variance, gae_advantages, logprobs_from_logits, masked_mean,
                                     masked_whiten, normalize_and_clip, per_token_rewards, policy_loss, value_loss)
+from detoxrl.train.judges import Judge, build_judges, judge_step, reward_toxicity_term
 from detoxrl.train.preflight import preflight
 from detoxrl.train.reward import RewardModel, build_reward
-from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, setup_logging,
-                                    write_json)
+from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, sample_rows,
+                                    setup_logging, write_json)
 
 log = logging.getLogger("detoxrl.train")
 
@@ -116,8 +118,10 @@ class RunResult:
     metrics: list[dict[str, float]]           # metrics of the steps run in this process (main process only)
     evaluation: Optional[dict[str, Any]]      # before/after held-out figures when evaluation.before_after
     policy: Any = None                        # the trained PolicyWithValue (unwrapped), for in-process callers
-    stopped_by: Optional[str] = None
-    is_main: bool = True                      # False on every rank but the main process          # signal name when a stop request ended the run early (checkpointed)
+    stopped_by: Optional[str] = None          # signal name (or "alarm ...") when the run ended early (checkpointed)
+    is_main: bool = True                      # False on every rank but the main process
+    alarm_stop: bool = False                  # True when alarms.action=stop ended the run
+    alarms_fired: Optional[dict[str, int]] = None  # alarm name -> the step it first fired
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,8 +196,10 @@ def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float) 
 
 
 def heldout_evaluation(policy, tokenizer, prompts: list[list[int]], prompt_texts: list[str], reward: RewardModel,
-                       cfg: Config, device: torch.device, synced_gpus: bool = False) -> dict[str, Any]:
-    """Mean toxicity and reward of held-out responses, sampled with a fixed seed (does not disturb training RNG)."""
+                       cfg: Config, device: torch.device, synced_gpus: bool = False,
+                       judges: tuple[Judge, ...] | list[Judge] = ()) -> dict[str, Any]:
+    """Mean toxicity (the reward's classifier and every judge) and reward of held-out responses, sampled with a
+    fixed seed (does not disturb training RNG). Per-response values are kept, for intervals (detoxrl-eval compare)."""
     term = reward.terms[cfg.evaluation.term]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed + 12345)
@@ -202,8 +208,14 @@ def heldout_evaluation(policy, tokenizer, prompts: list[list[int]], prompt_texts
     responses = decode_responses(tokenizer, rollout)
     toxicity = term.label_probability(responses, cfg.evaluation.toxic_label)
     total, _ = reward.score(prompt_texts, responses)
+    judged = {j.name: j.toxicity(responses) for j in judges}
     return {"toxicity_mean": toxicity.mean().item(), "toxicity_std": toxicity.std().item() if len(responses) > 1
             else 0.0, "reward_mean": total.mean().item(), "num_samples": len(responses),
+            "toxicity_values": toxicity.tolist(), "reward_values": total.tolist(),
+            "judges": {name: {"label": j.cfg.label, "threshold": j.cfg.threshold, "mean": v.mean().item(),
+                              "std": v.std().item() if len(responses) > 1 else 0.0, "values": v.tolist()}
+                       for (name, v), j in zip(judged.items(), judges)},
+            "prompts": prompt_texts, "responses": responses,
             "samples": [{"prompt": p, "response": r, "toxicity": t}
                         for p, r, t in zip(prompt_texts[:8], responses[:8], toxicity[:8].tolist())]}
 
@@ -406,6 +418,11 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         reference = None if shared_ref else build_reference_copy(
             cfg.policy, cfg.reference, policy_path, kind, reference_device, dtype)
         reward = build_rewards_on(cfg, reward_devices, dtype)
+        # judges sit with the reward classifier that measures toxicity; float32 unless that device is a GPU
+        judge_device = reward_devices[cfg.evaluation.term]
+        judges = build_judges(cfg.judges, assets.resolve, judge_device,
+                              dtype if judge_device.type == "cuda" else torch.float32)
+        tox_term = reward_toxicity_term(reward, cfg)
     total_params, trainable_params = count_parameters(policy)
     log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, kind, dtype,
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
@@ -428,6 +445,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
               else FixedKLController(cfg.ppo.kl.init_coef))
     moments = RunningMoments() if cfg.reward.normalize else None
     start_step, samples_seen, nonfinite_in_row, evaluation = 0, 0, 0, {}
+    monitor = AlarmMonitor(cfg.alarms)
 
     # ---- resume ---------------------------------------------------------------------------------------------
     ckpt_root = out / "checkpoints"
@@ -458,6 +476,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         if moments is not None and state.get("reward_moments"):
             moments.load_state_dict(state["reward_moments"])
         evaluation = state.get("evaluation", {})
+        monitor.load_state_dict(state.get("alarms"))
         log.info("resumed from %s at step %d (%d samples seen; loaded in %.2f s)", resume_from, start_step,
                  samples_seen, time.perf_counter() - t_load)
     if start_step >= cfg.run.total_steps:
@@ -487,9 +506,11 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         if "before" not in evaluation:
             with generation_weights(accelerator, policy, cfg.generation.zero3_gather_weights) as synced:
                 evaluation["before"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
-                                                          device, synced)
+                                                          device, synced, judges)
             log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts)",
                      evaluation["before"]["toxicity_mean"], evaluation["before"]["reward_mean"], n)
+            if is_main:  # on disk now: a run stopped early (signal, alarm) still has its starting point
+                write_json(out / "eval_before_after.json", evaluation)
 
     # Sampling differs per rank (different prompts AND different random streams); model init was identical.
     if resume_from is None:
@@ -504,7 +525,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     def save(step_done: int) -> Path:
         state = {"step": step_done, "samples_seen": samples_seen, "sampler": sampler.state_dict(),
                  "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict() if moments else None,
-                 "evaluation": evaluation, "world_size": world, "config": to_dict(cfg),
+                 "evaluation": evaluation, "alarms": monitor.state_dict(), "world_size": world, "config": to_dict(cfg),
                  "config_hash": config_hash(cfg), "packages": package_versions()}
         logger.flush()  # the curves up to a checkpoint survive a later kill -9
         t0 = time.perf_counter()
@@ -581,7 +602,9 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                 log.warning("step %d: skipped %d mini-batch(es) whose mean ratio exceeded ppo.ratio_threshold=%g",
                             step + 1, skipped, cfg.ppo.ratio_threshold)
 
-            # 7. bookkeeping: KL controller, metrics reduced over ranks, samples, checkpoint
+            # 7. bookkeeping: KL controller, metrics reduced over ranks, samples, alarms, checkpoint
+            with timer("time/judges"):
+                judged, reward_tox = judge_step(judges, tox_term, cfg.evaluation.toxic_label, responses)
             kl_per_sample = (kl * mask).sum(1)
             global_scores = accelerator.gather(raw_scores.to(device)).float()
             kl_mean_global = reduce_mean(accelerator, {"kl": kl_per_sample.mean().item()})["kl"]
@@ -612,6 +635,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                 # reward hacking shows as falling distinct-n / rising duplicates next to a climbing KL
                 "env/distinct_2": distinct_n(responses, 2) or 0.0,
                 "env/duplicate_share": duplicate_share(responses),
+                **response_signals(responses, rollout.response_mask.sum(1).tolist(), cfg.generation.min_new_tokens,
+                                   judged, {j.name: j.cfg.threshold for j in judges}, reward_tox),
                 "perf/samples_per_s": len(idx) * world / elapsed,
                 "perf/tokens_per_s": n_tokens * world / elapsed,
                 **{k: v for k, v in timer.seconds.items()},
@@ -624,19 +649,23 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             metrics["env/reward_std"] = global_scores.std().item() if global_scores.numel() > 1 else 0.0
             metrics["lr"] = scheduler.get_last_lr()[0]
             done = step + 1
+            firing = monitor.update(done, metrics)  # adds alarm/* to metrics; identical on every rank
             if done % cfg.logging.log_every == 0 or done == cfg.run.total_steps:
                 logger.scalars(done, metrics)
             if cfg.logging.sample_every and done % cfg.logging.sample_every == 0:
-                logger.samples(done, [{"prompt": p[-200:], "response": r, "reward": float(s)} for p, r, s in
-                                      zip(batch_texts, responses, raw_scores.tolist())][:cfg.logging.num_samples])
+                logger.samples(done, sample_rows(batch_texts, [prompts.references[i] for i in idx] if
+                                                 cfg.data.reference_field else None, responses, raw_scores, term_scores,
+                                                 reward, judged)[:cfg.logging.num_samples])
             logger.progress(done, metrics["env/reward_mean"], metrics["objective/kl"])
             history.append({"step": done, **metrics})
             saved = bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
             if saved and done < cfg.run.total_steps:
                 save(done)
-            # a stop request on any rank stops every rank here, after the same step (one tiny all-reduce)
-            if done < cfg.run.total_steps and any_rank(accelerator, stop.signum is not None):
-                stopped_by = stop.name or "a signal on another rank"
+            # a stop request on any rank stops every rank here, after the same step (one tiny all-reduce); so does
+            # an alarm with alarms.action=stop (the same decision on every rank: it reads reduced metrics)
+            alarm_stop = monitor.should_stop(firing)
+            if done < cfg.run.total_steps and (alarm_stop or any_rank(accelerator, stop.signum is not None)):
+                stopped_by = f"alarm {', '.join(firing)}" if alarm_stop else (stop.name or "a signal on another rank")
                 path = ckpt.step_dir(ckpt_root, done) if saved else save(done)
                 log.warning("stopped after step %d of %d (%s); checkpoint %s. Run the same command again to resume.",
                             done, cfg.run.total_steps, stopped_by, path)
@@ -646,7 +675,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     if stopped_by is not None:
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return RunResult(out, done, None, history, None, unwrapped, stopped_by=stopped_by, is_main=is_main)
+        return RunResult(out, done, None, history, None, unwrapped, stopped_by=stopped_by, is_main=is_main,
+                         alarm_stop=stopped_by.startswith("alarm"), alarms_fired=dict(monitor.first_fired))
 
     # ---- finish: final adapter + value head, checkpoint, before/after ------------------------------------------
     steps_done = max(start_step, cfg.run.total_steps)
@@ -665,7 +695,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     if cfg.evaluation.before_after:
         with generation_weights(accelerator, policy, cfg.generation.zero3_gather_weights) as synced:
             evaluation["after"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
-                                                     device, synced)
+                                                     device, synced, judges)
         b, a = evaluation["before"], evaluation["after"]
         evaluation["toxicity_change_pct"] = 100.0 * (a["toxicity_mean"] - b["toxicity_mean"]) / max(
             b["toxicity_mean"], 1e-12)
@@ -674,8 +704,12 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             print(f"\nheld-out toxicity ({b['num_samples']} prompts): before {b['toxicity_mean']:.4f} "
                   f"(std {b['toxicity_std']:.4f})  after {a['toxicity_mean']:.4f} (std {a['toxicity_std']:.4f})  "
                   f"change {evaluation['toxicity_change_pct']:+.1f}%\n"
-                  f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}", flush=True)
+                  f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}"
+                  + "".join(f"\nheld-out judge {name} toxicity: before {j['mean']:.4f}  after "
+                            f"{a['judges'][name]['mean']:.4f}" for name, j in b.get("judges", {}).items()),
+                  flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped, is_main=is_main)
+    return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped, is_main=is_main,
+                     alarms_fired=dict(monitor.first_fired))
 

@@ -4,7 +4,8 @@ Reads only model configs (`AutoConfig`), tokenizer files and the data; never wei
 InputError (train/errors.py) naming the key, file (and line) or model, on:
 
 - a model or tokenizer that cannot be found (a wrong path; a hub name not in the cache while the hub is out of reach);
-- a reward label the classifier does not have (its config's `id2label`), and the same for `evaluation.toxic_label`;
+- a reward label the classifier does not have (its config's `id2label`), and the same for `evaluation.toxic_label`
+  and for each judge's label;
 - a slow reward tokenizer (scoring needs character offsets);
 - a `policy.adapter` folder without adapter_config.json;
 - an unreadable data file (for JSON lines: the line), a missing split or column, no usable prompts;
@@ -51,6 +52,7 @@ def preflight(cfg: Config) -> RunInputs:
     if p.adapter and not (Path(p.adapter) / "adapter_config.json").is_file():
         raise InputNotFoundError(f"policy.adapter: {p.adapter} is not a PEFT adapter folder (no adapter_config.json)")
     check_reward_models(cfg)
+    check_judges(cfg)
 
     data_path = assets.resolve(cfg.data.dataset, "data")
     prompts = build_prompts(load_rows(data_path, cfg.data.split), cfg.data, tokenizer, kind, cfg.run.seed)
@@ -83,6 +85,15 @@ def check_reward_models(cfg: Config) -> None:
             raise InputError(f"{tok_key}: the tokenizer of {term.tokenizer or term.model!r} is not a fast tokenizer "
                              f"(scoring needs its character offsets to keep the response whole); use a model whose "
                              f"tokenizer.json exists, or set reward.terms.{i}.tokenizer to one")
+
+
+def check_judges(cfg: Config) -> None:
+    """Every judge's config has its label (judges are scored by label probability, so that is all they need)."""
+    for i, judge in enumerate(cfg.judges):
+        path = assets.resolve(judge.model, "judge")
+        with loading_model(judge.model, f"judges.{i}.model"):
+            labels = AutoConfig.from_pretrained(path, trust_remote_code=judge.trust_remote_code).id2label
+        check_label(labels, judge.label, judge.model, f"judges.{i}.label")
 
 
 def check_label(id2label: dict, label: str, model: str, key: str) -> None:

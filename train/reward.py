@@ -121,9 +121,14 @@ class RewardTerm:
         return logits[:, self.label_index]
 
     def label_probability(self, texts: list[str], label: str) -> torch.Tensor:
-        """P(label) of each text scored alone: evaluation's toxicity."""
+        """P(label) of each text scored alone: evaluation's toxicity. Softmax over the labels, or the label's own
+        sigmoid for a multi-label model (`problem_type: multi_label_classification`, e.g. unitary/toxic-bert,
+        whose six labels are independent yes/no outputs)."""
         index = resolve_label(self.model.config.id2label, label, self.name)
-        return self.logits([""] * len(texts), texts, with_prompt=False).softmax(-1)[:, index]
+        logits = self.logits([""] * len(texts), texts, with_prompt=False)
+        if getattr(self.model.config, "problem_type", None) == "multi_label_classification":
+            return logits[:, index].sigmoid()
+        return logits.softmax(-1)[:, index]
 
 
 class RewardModel:

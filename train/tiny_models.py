@@ -9,6 +9,10 @@ entry points matter to the rest of detoxrl:
   toxicity classifier with the labels of ``facebook/roberta-hate-speech-dynabench-r4-target``
   (``{0: "nothate", 1: "hate"}``) and the dialogues as local JSON-lines files.
   Built once and cached under ``$DETOXRL_CACHE`` (default ``~/.cache/detoxrl``).
+* :func:`build_demo_judge` -- the demo's independent judge: a tiny DistilBERT with a
+  lower-cased WordPiece tokenizer (labels ``{0: "neutral", 1: "toxic"}``, like
+  ``s-nlp/roberta_toxicity_classifier``), trained on ``judge_toxicity.jsonl``, sentences
+  disjoint from everything the reward classifier was trained on. Cached under its own key.
 * :func:`build_test_models` -- tiny random stand-ins, saved as hub-like folders,
   for the models and data sets of the four recipes, for fast offline tests.
 
@@ -462,10 +466,12 @@ def build_classifier(
     max_position: int = 130,
     seed: int = 0,
     dropout: float = 0.1,
+    problem_type: str | None = None,
 ) -> Path:
     """A randomly initialised tiny sequence classifier (``"roberta"`` or ``"distilbert"``)
     with ``config.id2label``/``label2id`` set, saved with its tokenizer (whose
-    model_max_length is capped to what the position embeddings allow)."""
+    model_max_length is capped to what the position embeddings allow). ``problem_type``
+    ``"multi_label_classification"`` marks independent sigmoid labels (as unitary/toxic-bert)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     id2label = {int(k): str(v) for k, v in id2label.items()}
@@ -499,6 +505,8 @@ def build_classifier(
         cls = DistilBertForSequenceClassification
     else:
         raise ValueError(f"unknown classifier family {family!r}; expected 'roberta' or 'distilbert'")
+    if problem_type is not None:
+        config.problem_type = problem_type
     _seed_all(seed)
     model = cls(config)
     model.save_pretrained(str(save_dir))
@@ -872,6 +880,76 @@ def build_demo_assets(cache_dir: Path | None = None, force: bool = False) -> dic
     return _demo_paths(final)
 
 
+# --------------------------------------------------------------------------- demo judge
+#: Hyperparameters of :func:`build_demo_judge` (part of its own cache key; the demo assets' key is unchanged).
+JUDGE_HPARAMS: dict = {
+    "seed": 1,
+    "tokenizer_vocab": 600,
+    "model": {"hidden": 32, "layers": 1, "heads": 4, "max_position": 128, "dropout": 0.1},
+    "train": {"epochs": 12, "lr": 3e-3, "batch_size": 32},
+}
+JUDGE_VERSION = "1"
+
+
+def _judge_rows() -> list[dict]:
+    """The judge's training sentences. They were written from templates of their own (other wording, other people
+    and objects) and share no text with toxicity.jsonl or the dialogue summaries the reward model learned from
+    (tests/test_judges.py checks), so the judge's errors are not the reward model's."""
+    return load_jsonl(DEMO_DATA_DIR / "judge_toxicity.jsonl")
+
+
+def _judge_cache_key(hparams: dict) -> str:
+    h = hashlib.sha256((DEMO_DATA_DIR / "judge_toxicity.jsonl").read_bytes())
+    h.update(JUDGE_VERSION.encode())
+    h.update(json.dumps(hparams, sort_keys=True).encode())
+    h.update(f"torch={torch.__version__};transformers={transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+@_rng_guarded
+def _build_judge_into(out: Path, hp: dict) -> dict:
+    rows = _judge_rows()
+    texts = [r["text"] for r in rows]
+    labels = [1 if r["label"] == "toxic" else 0 for r in rows]
+    tok = train_tokenizer(texts, "bert", hp["tokenizer_vocab"], model_max_length=hp["model"]["max_position"])
+    build_classifier(out, tok, "distilbert", {0: "neutral", 1: "toxic"}, seed=hp["seed"], **hp["model"])
+    return train_classifier(out, texts, labels, seed=hp["seed"], **hp["train"])
+
+
+def build_demo_judge(cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Build (once, then cached under ``judge-<hash>``) the demo's independent toxicity judge; returns its folder.
+
+    A different architecture (DistilBERT vs RoBERTa), tokenizer (WordPiece vs byte-level BPE), labels
+    (``neutral``/``toxic``) and training data (``judge_toxicity.jsonl``) than the demo's reward model, so
+    that its held-out figure is not the reward model grading itself. A few seconds on one core.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = _judge_cache_key(JUDGE_HPARAMS)
+    final = root / f"judge-{key}"
+    if not force and (final / "manifest.json").is_file():
+        return final
+    with _file_lock(root / f".judge-{key}.lock"):
+        if not force and (final / "manifest.json").is_file():
+            return final
+        tmp = root / f".tmp-judge-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        t0 = time.perf_counter()
+        try:
+            with _torch_threads(_BUILD_THREADS), _quiet_progress():
+                metrics = _build_judge_into(tmp, JUDGE_HPARAMS)
+            (tmp / "manifest.json").write_text(json.dumps({
+                "judge_version": JUDGE_VERSION, "key": key, "hparams": JUDGE_HPARAMS, "metrics": metrics,
+                "build_seconds": round(time.perf_counter() - t0, 2)}, indent=2) + "\n", encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("demo judge: built in %.1fs: %s", time.perf_counter() - t0, metrics)
+    return final
+
+
 # --------------------------------------------------------------------------- test models
 _REVIEW_POS_OPEN = [
     "I loved this movie.", "What a wonderful film.", "This was a great movie.", "A truly fun film.",
@@ -921,7 +999,8 @@ def build_test_models(root: Path) -> dict[str, Path]:
     """Tiny random stand-ins (no training, a few seconds) for the recipes' models and data.
 
     Returns folder paths keyed ``t5``, ``gpt2``, ``roberta_hate``, ``roberta_cola``,
-    ``roberta_sentiment``, ``distilbert_imdb``, ``dialogsum`` (a ``DatasetDict`` saved
+    ``roberta_sentiment``, ``distilbert_imdb``, ``bert_toxic`` (unitary/toxic-bert's six multi-label outputs),
+    ``roberta_toxicity`` (s-nlp/roberta_toxicity_classifier's neutral/toxic), ``dialogsum`` (a ``DatasetDict`` saved
     with ``save_to_disk``: train/validation/test), ``imdb`` (``train.parquet`` and
     ``test.parquet``: text, label) and ``t5_sft_adapter`` (a PEFT LoRA adapter for ``t5``
     with non-zero ``lora_B``).
@@ -959,6 +1038,12 @@ def build_test_models(root: Path) -> dict[str, Path]:
         out["distilbert_imdb"] = build_classifier(
             root / "distilbert_imdb", tok_bert, "distilbert", {0: "NEGATIVE", 1: "POSITIVE"},
             max_position=512, seed=seed + 3)
+        out["bert_toxic"] = build_classifier(
+            root / "bert_toxic", tok_bert, "distilbert", dict(enumerate(
+                ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"])),
+            max_position=512, seed=seed + 4, problem_type="multi_label_classification")
+        out["roberta_toxicity"] = build_classifier(
+            root / "roberta_toxicity", tok_rb, "roberta", {0: "neutral", 1: "toxic"}, max_position=514, seed=seed + 5)
 
         cols = ("id", "dialogue", "summary", "topic")
         train_rows = [{c: r[c] for c in cols} for r in rows if r["split"] == "train"]

@@ -68,6 +68,23 @@ def duplicate_share(texts: Sequence[str]) -> float:
     return 1.0 - len(set(texts)) / len(texts) if texts else 0.0
 
 
+def sample_rows(prompts: list[str], references: Optional[list[Optional[str]]], responses: list[str],
+                scores: Sequence[float], term_scores: Sequence[Sequence[float]], reward: Any,
+                judged: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Rows for samples.jsonl and the TensorBoard table: prompt (its last 200 characters), reference, response,
+    total reward, each reward term and each judge's P(toxic)."""
+    rows = []
+    for k, (p, r) in enumerate(zip(prompts, responses)):
+        row: dict[str, Any] = {"prompt": p[-200:], "response": r, "reward": float(scores[k])}
+        if references is not None:
+            row["reference"] = references[k]
+        row["terms"] = {f"{t.name}/{t.cfg.label}": float(s[k]) for t, s in zip(reward.terms, term_scores)}
+        if judged:
+            row["judges"] = {name: v[k] for name, v in judged.items()}
+        rows.append(row)
+    return rows
+
+
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -82,11 +99,26 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of steps <= last_step, so a resumed run writes every later step once (also at step 0: a run
+    killed before its first checkpoint had logged steps). Blank lines and a line cut short by a kill -9 go too."""
+    if not path.exists():
+        return
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= last_step:
+                kept.append(ln)
+        except ValueError:
+            pass
+    path.write_text("".join(k + "\n" for k in kept))
+
+
 class RunLogger:
     """TensorBoard + metrics.jsonl + progress bar, on the main process only.
 
     `start_step` lets a resumed run continue the same TensorBoard curves: events after it are purged (also those a
-    killed run logged after its last checkpoint), and metrics.jsonl keeps only the lines up to it.
+    killed run logged after its last checkpoint), and metrics.jsonl and samples.jsonl keep only the lines up to it.
     """
 
     def __init__(self, output_dir: Path, is_main: bool, total_steps: int, start_step: int = 0,
@@ -95,22 +127,15 @@ class RunLogger:
         self.writer = None
         self.bar = None
         self.metrics_path = output_dir / "metrics.jsonl"
+        self.samples_path = output_dir / "samples.jsonl"
         if not is_main:
             return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
                                         purge_step=start_step + 1)
-        if self.metrics_path.exists():  # (also at step 0: a run killed before its first checkpoint logged steps)
-            # drop lines from steps that will be re-run, so metrics.jsonl has each step once
-            kept = []
-            for ln in self.metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(ln).get("step", 0) <= start_step:
-                        kept.append(ln)
-                except ValueError:  # blank, or cut short by a kill -9
-                    pass
-            self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        for path in (self.metrics_path, self.samples_path):
+            _truncate_jsonl(path, start_step)
         if progress_bar:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="PPO", unit="step", dynamic_ncols=True)
@@ -127,8 +152,16 @@ class RunLogger:
             f.write(json.dumps({"step": step, **clean}) + "\n")
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        if self.is_main and self.writer is not None and rows:
-            self.writer.add_text("samples", _markdown_table(rows), step)
+        """`rows` (prompt, response, reward, ...) to samples.jsonl, one line each with the step, and as a text table
+        to TensorBoard (nested values, such as per-term scores, only in samples.jsonl)."""
+        if not self.is_main or not rows:
+            return
+        with self.samples_path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        if self.writer is not None:
+            flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
+            self.writer.add_text("samples", _markdown_table(flat), step)
 
     def progress(self, step: int, reward: float, kl: float) -> None:
         if self.bar is not None:
