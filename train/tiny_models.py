@@ -932,20 +932,13 @@ def build_demo_judge(cache_dir: Path | None = None, force: bool = False) -> Path
     with _file_lock(root / f".judge-{key}.lock"):
         if not force and (final / "manifest.json").is_file():
             return final
-        tmp = root / f".tmp-judge-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         t0 = time.perf_counter()
-        try:
+        with atomic_directory(final) as tmp:  # under the lock: no other builder of this key runs meanwhile
             with _torch_threads(_BUILD_THREADS), _quiet_progress():
                 metrics = _build_judge_into(tmp, JUDGE_HPARAMS)
             (tmp / "manifest.json").write_text(json.dumps({
                 "judge_version": JUDGE_VERSION, "key": key, "hparams": JUDGE_HPARAMS, "metrics": metrics,
                 "build_seconds": round(time.perf_counter() - t0, 2)}, indent=2) + "\n", encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("demo judge: built in %.1fs: %s", time.perf_counter() - t0, metrics)
     return final
 
