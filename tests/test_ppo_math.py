@@ -560,7 +560,7 @@ def test_value_clip_range_modes():
     returns = torch.tensor([[1.0, 2.0, BIG], [3.0, 6.0, INF]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]]).float()
     assert value_clip_range("absolute", 0.2, returns, mask) == 0.2
-    assert value_clip_range("off", 0.2, returns, mask) is None
+    assert value_clip_range("none", 0.2, returns, mask) is None
     # 1, 2, 3, 6: mean 3, unbiased var (4 + 1 + 0 + 9) / 3 = 14/3
     assert value_clip_range("relative", 0.2, returns, mask) == pytest.approx(0.2 * math.sqrt(14 / 3))
     # over two ranks: the global std

@@ -107,13 +107,13 @@ def critic_free_advantages(estimator: str, rewards: Tensor, mask: Tensor, k: int
 def value_clip_range(mode: str, clip: float, returns: Tensor, mask: Tensor,
                      reduce_fn: Optional[ReduceFn] = None) -> Optional[float]:
     """The clip range of the value loss: ``clip`` (absolute), ``clip x std(returns)`` over the global batch's real
-    tokens (relative), or None (off). Called on every rank in `relative` mode (a collective)."""
-    if mode == "off":
+    tokens (relative), or None (none). Called on every rank in `relative` mode (a collective)."""
+    if mode == "none":
         return None
     if mode == "absolute":
         return clip
     if mode != "relative":
-        raise ValueError(f"unknown value clip mode {mode!r}; valid: absolute, relative, off")
+        raise ValueError(f"unknown value clip mode {mode!r}; valid: absolute, relative, none")
     m = _bool_mask(mask)
     sdt = _stats_dtype(returns.device)
     r = _masked_select_zero(returns, m).to(sdt)

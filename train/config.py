@@ -286,10 +286,10 @@ class CriticConfig:
     lam: Optional[float] = None
     """GAE lambda of the critic's returns (targets), decoupled from `ppo.lam` of the policy's advantages (VC-PPO:
     1.0, unbiased returns for the critic, a smaller lambda for the policy); null = `ppo.lam`."""
-    value_clip: Literal["absolute", "relative", "off"] = "absolute"
+    value_clip: Literal["absolute", "relative", "none"] = "absolute"
     """Clip the new values around the old ones: `absolute` by +-`value_clip_range`; `relative` by +-`value_clip_range`
     x the std of the step's returns (over all ranks), so the critic moves the same share of the return scale whatever
-    the reward's units; `off`."""
+    the reward's units; `none` (no clipping; `none`, not `off`, which YAML reads as false)."""
     value_clip_range: float = 0.2
     """The clip range of `value_clip`."""
 
@@ -392,8 +392,8 @@ def _omega_error(err: OmegaConfBaseException, where: str) -> ConfigError:
 MOVED_KEYS = {
     "policy.value_head_detach": "critic.mode (value_head_detach: true is critic.mode: detached, false is "
                                 "critic.mode: shared)",
-    "ppo.value_clip_range": "critic.value_clip_range (with critic.value_clip: absolute | relative | off; null was "
-                            "critic.value_clip: off)",
+    "ppo.value_clip_range": "critic.value_clip_range (with critic.value_clip: absolute | relative | none; null was "
+                            "critic.value_clip: none)",
 }
 
 
