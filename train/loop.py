@@ -6,8 +6,10 @@
         2. rollout      batched sampling from the policy (LoRA on)
         3. reward       decode, re-tokenize for each classifier, score in length-sorted batches
         4. reference    log-probs under the frozen reference; old log-probs and values under the policy
-        5. advantages   per-token -beta*KL + score on the last token; GAE; whitening over the global batch
-        6. PPO epochs   clipped policy + value losses over shuffled mini-batches with gradient accumulation
+        5. advantages   per-token -beta*KL + score on the last token; GAE with the critic or a critic-free
+                        estimator over the k responses per prompt; normalised over the global batch
+        6. PPO epochs   clipped policy + value losses (+ KL loss) over shuffled mini-batches with gradient
+                        accumulation; only the critic steps during its warm-up
         7. bookkeeping  KL controller, metrics (reduced over ranks), samples, checkpoint, stop request
     finish: final adapter + value head, before/after evaluation
 
