@@ -4,9 +4,11 @@ that ranks saw different prompts, that their trainable weights are identical aft
 finite; the strategies must end with the same adapter. ZeRO-3 resumes exactly from a checkpoint while generating on
 the sharded model (`synced_gpus`), with responses ending at different lengths per rank (without `synced_gpus` that
 deadlocks; the timeout turns a hang into a failure). An equivalence test runs one PPO update on a fixed rollout as
-1 process x 8 rows and 2 processes x 4 rows. GPU-only paths are marked `gpu`.
+1 process x 8 rows and 2 processes x 4 rows. One launch per strategy (DDP, ZeRO-2) trains every advantage estimator
+and critic mode on both policy kinds and resumes each bitwise. GPU-only paths are marked `gpu`.
 
-This file is also the worker the equivalence test launches: `python tests/test_distributed.py equivalence ...`.
+This file is also the worker the equivalence and estimator tests launch: `python tests/test_distributed.py
+equivalence|combos ...`.
 
 Environment: TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) caches the op DeepSpeed compiles on first use
 (~40 s once).

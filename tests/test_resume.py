@@ -1,6 +1,7 @@
 """Exact resume: 2N steps == N steps + resume for N more (bitwise weights, identical metrics, continuous TensorBoard
 curves) on 1 process, 2-process DDP and (when DeepSpeed support is present) ZeRO-2/3; resume on another number of
-processes; corrupt/incomplete checkpoints skipped; the config-change refusal; kill -9 at random moments."""
+processes; corrupt/incomplete checkpoints skipped; the config-change refusal; kill -9 at random moments; the adapter
+critic across its warm-up. (Every estimator and critic mode resumes bitwise on 2 processes in test_distributed.py.)"""
 
 from __future__ import annotations
 
