@@ -742,6 +742,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             metrics["env/reward_mean"] = global_scores.mean().item()
             metrics["env/reward_std"] = global_scores.std().item() if global_scores.numel() > 1 else 0.0
             metrics["lr"] = scheduler.get_last_lr()[0]
+            if len(scheduler.get_last_lr()) > 1:  # the critic's own parameter group (critic.lr)
+                metrics["lr/critic"] = scheduler.get_last_lr()[1]
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == cfg.run.total_steps:
                 logger.scalars(done, metrics)
