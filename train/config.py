@@ -184,7 +184,8 @@ class GenerationConfig:
     max_new_tokens_range: Optional[list[int]] = None
     """`[lo, hi]`: draw the maximum response length per rollout batch uniformly from lo..hi (the seeds' 100..400)."""
     rollout_batch_size: int = 64
-    """Prompts per `generate()` call (chunks the step's batch to bound memory)."""
+    """Prompts per `generate()` call (chunks the step's batch to bound memory); each prompt yields `ppo.k` responses,
+    and the gradient-free forward passes take the same chunks."""
     zero3_gather_weights: bool = True
     """Under DeepSpeed ZeRO-3: gather the full policy on every rank once per rollout (fast; the whole model must fit
     on one GPU for the duration). False: generate on the sharded model with `synced_gpus` (parameters fetched layer
