@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.tiny_models import (DEMO_DATA_DIR, _make_imdb_rows, build_classifier, load_jsonl, sft_causal,
                                        train_classifier, train_tokenizer)
 
@@ -109,7 +110,7 @@ def build_t5_policy(folder: Path, tok, size: str, dtype: str = "float32", seed: 
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       decoder_start_token_id=tok.pad_token_id,
-                      # small init: an untrained T5 at factor 1.0 samples one token only (DESIGN.md); fine either
+                      # small init: an untrained T5 at factor 1.0 samples one token only (docs/ARCHITECTURE.md); fine
                       # way for timing, but diverse samples exercise the reward tokenizer realistically
                       initializer_factor=0.05 if size == "tiny" else 1.0)
     torch.manual_seed(seed)
@@ -188,23 +189,19 @@ def build_model_set(spec: ModelSet, root: Optional[Path] = None) -> dict[str, Pa
     paths = {"policy": root / "policy", "reward": root / "reward", "data": root / "data"}
     if (root / "spec.json").is_file():
         return paths
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if spec.kind == "seq2seq":
-        tok = make_tokenizer("t5", spec.vocab)
-        build_t5_policy(tmp / "policy", tok, spec.policy_size, spec.dtype)
-        build_roberta_classifier(tmp / "reward", spec.reward_size,
-                                 REAL_VOCAB["roberta"] if spec.vocab is not None else None)
-        _write_rows(tmp / "data", _long_texts(spec.rows, spec.prompt_chars, "dialogue"))
-    else:
-        tok = make_tokenizer("gpt2", spec.vocab, extra_pad=True)
-        build_gpt2_lm(tmp / "policy", tok, spec.policy_size)
-        build_gpt2_classifier(tmp / "reward", tok, spec.reward_size)
-        _write_rows(tmp / "data", _long_texts(spec.rows, spec.prompt_chars, "text"))
-    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    with atomic_directory(root) as tmp:
+        if spec.kind == "seq2seq":
+            tok = make_tokenizer("t5", spec.vocab)
+            build_t5_policy(tmp / "policy", tok, spec.policy_size, spec.dtype)
+            build_roberta_classifier(tmp / "reward", spec.reward_size,
+                                     REAL_VOCAB["roberta"] if spec.vocab is not None else None)
+            _write_rows(tmp / "data", _long_texts(spec.rows, spec.prompt_chars, "dialogue"))
+        else:
+            tok = make_tokenizer("gpt2", spec.vocab, extra_pad=True)
+            build_gpt2_lm(tmp / "policy", tok, spec.policy_size)
+            build_gpt2_classifier(tmp / "reward", tok, spec.reward_size)
+            _write_rows(tmp / "data", _long_texts(spec.rows, spec.prompt_chars, "text"))
+        (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     return paths
 
 
@@ -223,28 +220,24 @@ def build_causal_toy(root: Optional[Path] = None) -> dict[str, Path]:
     paths = {"policy": root / "policy", "reward": root / "reward", "data": root / "data"}
     if (root / "done").is_file():
         return paths
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     rows = _make_imdb_rows(400, seed=0)
     texts = [r["text"] for r in rows]
     tok = train_tokenizer(texts, "gpt2", 600)
     tok.add_special_tokens({"pad_token": "<pad>"})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic builds
-    try:
-        build_gpt2_lm(tmp / "policy", tok, "tiny", n_positions=128, seed=0)
-        sft_causal(tmp / "policy", texts, steps=300, lr=3e-3, batch_size=16, seed=0, max_length=96)
-        build_gpt2_classifier(tmp / "reward2", tok, "tiny", n_positions=128, seed=1, num_labels=2)
-        train_classifier(tmp / "reward2", texts, [r["label"] for r in rows], epochs=8, lr=3e-3, batch_size=32)
-        _one_logit(tmp / "reward2", tmp / "reward")
-    finally:
-        torch.set_num_threads(threads)
-    shutil.rmtree(tmp / "reward2")
-    _write_rows(tmp / "data", [{"text": t} for t in texts])
-    (tmp / "done").write_text("ok\n")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    with atomic_directory(root) as tmp:
+        try:
+            build_gpt2_lm(tmp / "policy", tok, "tiny", n_positions=128, seed=0)
+            sft_causal(tmp / "policy", texts, steps=300, lr=3e-3, batch_size=16, seed=0, max_length=96)
+            build_gpt2_classifier(tmp / "reward2", tok, "tiny", n_positions=128, seed=1, num_labels=2)
+            train_classifier(tmp / "reward2", texts, [r["label"] for r in rows], epochs=8, lr=3e-3, batch_size=32)
+            _one_logit(tmp / "reward2", tmp / "reward")
+        finally:
+            torch.set_num_threads(threads)
+        shutil.rmtree(tmp / "reward2")
+        _write_rows(tmp / "data", [{"text": t} for t in texts])
+        (tmp / "done").write_text("ok\n")
     return paths
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from detoxrl.train.config import ConfigError, load_config
+from detoxrl.train.errors import report
 
 
 def _eval_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a config or input error too")
     return p
 
 
@@ -115,14 +117,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             temperature=args.temperature, classifier=args.classifier, toxic_label=args.toxic_label,
             toxicity_required=bool(args.classifier or args.toxic_label), bootstrap=args.bootstrap,
             confidence=args.confidence, device=args.device, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"detoxrl-eval: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # InputError (a model, file or line) is a ValueError
+        return report("detoxrl-eval", err, args.debug)
     try:
         result = evaluate(cfg, sources, settings, output, run.run_dir if run else None)
-    except (FileNotFoundError, KeyError, ValueError) as err:  # a wrong split, column, label or path
-        print(f"detoxrl-eval: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, KeyError, ValueError) as err:  # a wrong split, column, label, path, model or line
+        return report("detoxrl-eval", err, args.debug)
     if result is not None:
         from detoxrl.eval.report import markdown_table, metric_table, settings_summary
 

@@ -112,7 +112,7 @@ def make_accelerator(device: str):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # gloo on CPU when launched with several processes (without it accelerate reports one process; DESIGN.md).
+    # gloo on CPU when launched with several processes (without it accelerate reports one process; docs/ARCHITECTURE.md).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
     return Accelerator(cpu=device == "cpu", kwargs_handlers=handlers)

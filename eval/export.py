@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +24,7 @@ import torch
 import yaml
 
 from detoxrl.eval.policies import PolicySource, RunContext, load_lm, resolve_policy
+from detoxrl.train.errors import loading_model, report
 from detoxrl.train.models import lm_forward
 from detoxrl.train.tracking import package_versions, setup_logging, write_json
 
@@ -64,7 +64,8 @@ def export(src: PolicySource, output: Path, dtype: str = "float32", run: Optiona
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty")
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(src.tokenizer_path, trust_remote_code=src.trust_remote_code)
+    with loading_model(src.tokenizer_path):
+        tokenizer = AutoTokenizer.from_pretrained(src.tokenizer_path, trust_remote_code=src.trust_remote_code)
     # Merge in float32 (LoRA deltas are small; merging in half precision loses them), then cast.
     lm = load_lm(src, torch.float32, merge=False).eval()
     probe = _probe(tokenizer, src.kind)
@@ -214,6 +215,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an input error too")
     return p.parse_args(argv)
 
 
@@ -237,9 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if output is None:
             raise ValueError("--output is required when the source is not a run directory")
         export(src, output, args.dtype, run, verify=not args.no_verify)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        print(f"detoxrl-export: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:  # InputError is a ValueError
+        return report("detoxrl-export", err, args.debug)
     print(f"merged model written to {output}")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(output, args.push_to_hub, args.private)}")

@@ -7,7 +7,7 @@
 It reads the recipe (and overrides) for the reward / reference devices, works out how many training ranks the
 machine's GPUs allow once dedicated devices are set aside, refuses impossible plans, and never hides GPUs from the
 processes (no --gpu_ids, no CUDA_VISIBLE_DEVICES). The same device rule places the models at run time
-(launch/devices.py). Multi-node: NODE_RANK (or MACHINE_RANK, SLURM_NODEID), MASTER_ADDR, MASTER_PORT and
+(train/devices.py). Multi-node: NODE_RANK (or MACHINE_RANK, SLURM_NODEID), MASTER_ADDR, MASTER_PORT and
 NUM_NODES (or SLURM_NNODES) come from the environment unless given as options.
 """
 
@@ -51,7 +51,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--main-address", default=None, help="address of machine 0 (default MASTER_ADDR)")
     p.add_argument("--main-port", type=int, default=None, help="port on machine 0 (default MASTER_PORT or 29500)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="override the strategy file's precision (bf16; fp16 on GPUs without bf16)")
+                   help="precision (default: bf16 on GPUs; pass fp16 on GPUs without bf16: V100, T4). CPU "
+                   "processes train in float32")
     p.add_argument("--accelerate-config", type=Path, default=None, help="another accelerate config file")
     p.add_argument("--deepspeed-config", type=Path, default=None, help="another DeepSpeed JSON (DeepSpeed "
                    "strategies); leave batch sizes, accumulation and clipping on \"auto\"")

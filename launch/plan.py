@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from detoxrl.launch.devices import check_device_name, gpu_index, place_auxiliary
+from detoxrl.train.devices import check_device_name, gpu_index, place_auxiliary
 
-REPO = Path(__file__).resolve().parents[1]
-ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
-DEEPSPEED_CONFIGS = REPO / "configs" / "deepspeed"
+# The shipped accelerate / DeepSpeed files travel inside the package (launch/configs links to the repository's
+# configs/ in a checkout; a wheel holds copies), so an installed detoxrl-launch finds them without a clone.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+ACCELERATE_CONFIGS = CONFIGS / "accelerate"
+DEEPSPEED_CONFIGS = CONFIGS / "deepspeed"
 
 STRATEGIES = ("single_gpu", "ddp", "zero2", "zero3", "zero3_offload", "multi_node")
 DEEPSPEED_FILE = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json",
@@ -185,7 +187,7 @@ def build_command(plan: DevicePlan, recipe: Optional[str], overrides: list[str],
         raise PlanError(f"--deepspeed-config is for the DeepSpeed strategies ({', '.join(DEEPSPEED_FILE)}), "
                         f"not {strategy}")
     if plan.n_gpus == 0:
-        # DESIGN.md traps: DDP on CPUs needs ACCELERATE_USE_CPU with a multi-process type; DeepSpeed must NOT
+        # docs/ARCHITECTURE.md, distributed traps: DDP on CPUs needs ACCELERATE_USE_CPU with a multi-process type; DeepSpeed must NOT
         # see it (accelerate would quietly drop DeepSpeed).
         if mixed_precision not in (None, "no"):
             raise PlanError(f"--mixed-precision {mixed_precision} needs GPUs; CPU processes train in float32")
@@ -198,8 +200,11 @@ def build_command(plan: DevicePlan, recipe: Optional[str], overrides: list[str],
                 argv.append("--multi_gpu")
             else:
                 argv.append("--cpu")
-    if mixed_precision:
-        argv += ["--mixed_precision", mixed_precision]
+    elif mixed_precision is None:
+        # the shipped files leave precision to the command line (accelerate refuses it in a file next to a DeepSpeed
+        # JSON); bf16 is the GPU default, pass fp16 on GPUs without bf16
+        mixed_precision = "bf16"
+    argv += ["--mixed_precision", mixed_precision]
     if plan.nodes > 1:
         if machine_rank is None or main_address is None:
             raise PlanError("a multi-machine launch needs this machine's rank and the main machine's address: pass "

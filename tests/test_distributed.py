@@ -1,11 +1,12 @@
 """Data-parallel training for real: 2 processes on gloo (CPU), under DDP, DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 with
-CPU offload, launched through `detoxrl-launch --run` exactly as a user would. Each run checks that 2 processes ran,
-that ranks saw different prompts, that their trainable weights are identical after several steps and that losses are
-finite; the strategies must end with the same adapter. ZeRO-3 resumes exactly from a checkpoint while generating on
-the sharded model (`synced_gpus`), with responses ending at different lengths per rank (without `synced_gpus` that
-deadlocks; the timeout turns a hang into a failure). An equivalence test runs one PPO update on a fixed rollout as
-1 process x 8 rows and 2 processes x 4 rows. One launch per strategy (DDP, ZeRO-2) trains every advantage estimator
-and critic mode on both policy kinds and resumes each bitwise. GPU-only paths are marked `gpu`.
+CPU offload, each launched with the CPU command that its accelerate config file documents, as a user types it. Each
+run checks that 2 processes ran, that ranks saw different prompts, that their trainable weights are identical after
+several steps and that losses are finite; the strategies must end with the same adapter. ZeRO-3 resumes exactly from
+a checkpoint while generating on the sharded model (`synced_gpus`), with responses ending at different lengths per
+rank (without `synced_gpus` that deadlocks; the timeout turns a hang into a failure). An equivalence test runs one
+PPO update on a fixed rollout as 1 process x 8 rows and 2 processes x 4 rows. One launch per strategy (DDP, ZeRO-2)
+trains every advantage estimator and critic mode on both policy kinds and resumes each bitwise. GPU-only paths are
+marked `gpu`.
 
 This file is also the worker the equivalence and estimator tests launch: `python tests/test_distributed.py
 equivalence|combos ...`.
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from documented import cpu_launch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "configs" / "ppo" / "demo.yaml"
@@ -71,13 +74,13 @@ def run_bounded(argv: list[str], env: dict[str, str], timeout: int) -> subproces
 
 
 def launch(strategy: str, out: Path, overrides: list[str], deepspeed_config: Path | None = None) -> str:
-    """`detoxrl-launch --run` on 2 CPU processes; returns the output. Each rank dumps debug records to out/debug."""
-    argv = [sys.executable, "-m", "detoxrl.launch", "--strategy", strategy, "--gpus", "0", "--num-processes", "2",
-            "--main-port", str(free_port()), "--run", "--config", str(DEMO_RECIPE)]
-    if deepspeed_config:
-        argv += ["--deepspeed-config", str(deepspeed_config)]
+    """The strategy's documented CPU command (its config file's header) on 2 CPU processes, exactly as a user types
+    it; returns the output. `deepspeed_config` replaces the shipped JSON (test-only). Each rank dumps debug records
+    to out/debug."""
+    argv, env = cpu_launch(strategy, str(Path(sys.executable).parent / "accelerate"), DEMO_RECIPE, free_port(),
+                           extra_flags=["--deepspeed_config_file", str(deepspeed_config)] if deepspeed_config else [])
     argv += [*overrides, f"run.output_dir={out}"]
-    result = run_bounded(argv, child_env(DETOXRL_DEBUG_DIR=str(out / "debug")), STRATEGY_TIMEOUT)
+    result = run_bounded(argv, child_env(DETOXRL_DEBUG_DIR=str(out / "debug"), **env), STRATEGY_TIMEOUT)
     assert result.returncode == 0, f"{strategy} run failed:\n{result.stdout[-6000:]}"
     return result.stdout
 
@@ -493,13 +496,13 @@ def test_every_estimator_and_critic_trains_both_kinds_on_two_ranks_and_resumes_b
                                     else ["v_head"]), where
 
 
-# ---- the launch traps of DESIGN.md are refused, not silently run as one process -----------------------------------
+# ---- the launch traps of docs/ARCHITECTURE.md are refused, not silently run as one process -----------------------
 def trap_worker(argv: list[str]) -> None:
-    from detoxrl.train.distributed import make_accelerator
+    from detoxrl.train.distributed import LaunchError, make_accelerator
 
     try:
         make_accelerator("auto", 1)
-    except RuntimeError as err:
+    except LaunchError as err:
         print(f"REFUSED: {err}", flush=True)
         return
     print("NOT REFUSED", flush=True)

@@ -297,7 +297,7 @@ def test_two_process_eval_matches_one_process(demo_run, demo_eval, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads((out / "metrics.json").read_text())
-    assert doc["settings"]["world_size"] == 2                             # really two ranks (DESIGN.md pitfalls)
+    assert doc["settings"]["world_size"] == 2                             # really two ranks (ARCHITECTURE.md traps)
     assert _policy_metrics(out) == _policy_metrics(demo_eval)
     assert (out / "samples.csv").read_text() == (demo_eval / "samples.csv").read_text()
 

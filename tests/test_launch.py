@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from detoxrl.launch.cli import main
-from detoxrl.launch.devices import place_auxiliary
+from detoxrl.train.devices import place_auxiliary
 from detoxrl.launch.plan import (ACCELERATE_CONFIGS, DEEPSPEED_CONFIGS, DEEPSPEED_FILE, STRATEGIES, PlanError,
                                  build_command, environment_defaults, make_plan)
 
@@ -98,6 +98,10 @@ def test_gpu_commands_never_hide_gpus():
     assert argv[argv.index("--deepspeed_config_file") + 1] == str((DEEPSPEED_CONFIGS / "zero3.json").resolve())
     assert argv[argv.index("--mixed_precision") + 1] == "bf16"
     assert argv[-5:] == ["-m", "detoxrl.train", "--config", "r.yaml", "ppo.batch_size=8"]
+    # precision is always on the command line: the shipped files leave it out (accelerate refuses it in a file next
+    # to a DeepSpeed JSON), and bf16 is the GPU default
+    default = build_command(plan, None, []).argv
+    assert default[default.index("--mixed_precision") + 1] == "bf16"
 
 
 def test_cpu_commands_avoid_the_single_process_traps():

@@ -229,7 +229,8 @@ def deepspeed_missing(strategy: str) -> str | None:
 
 def launch(strategy: str, models, out: Path, steps: int, *extra: str,
            timeout: float = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch` with 2 CPU processes (DDP on gloo with the flags of DESIGN.md, or DeepSpeed ZeRO)."""
+    """`accelerate launch` with 2 CPU processes (DDP on gloo with the flags of docs/ARCHITECTURE.md, or DeepSpeed
+    ZeRO)."""
     bin_dir = Path(sys.executable).parent
     flags = ["--multi_gpu"] if strategy == "ddp" else ["--config_file", str(REPO / "configs" / "accelerate" /
                                                                             f"{strategy}.yaml")]

@@ -1,8 +1,13 @@
 """Stopping cleanly: SIGTERM, SIGINT and SIGUSR1 finish the current step, write a checkpoint (all ranks together) and
-exit with status 75; the resumed run ends exactly where an uninterrupted one does; a second Ctrl-C aborts at once."""
+exit with status 75; the resumed run ends exactly where an uninterrupted one does; a second Ctrl-C aborts at once.
+A job started in the background (SIGINT ignored) keeps ignoring SIGINT; handlers are restored to what was found.
+
+The tests set the SIGINT disposition they need themselves (`foreground` / `background`), so they pass however
+pytest was started: from a terminal, or as `nohup make test &`, whose shell hands it SIGINT ignored."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,6 +30,27 @@ from test_train import RECIPES
 
 LINEAR = ("optim.scheduler=linear", "optim.warmup_steps=2")  # a schedule that depends on run.total_steps
 T, I, U = signal.SIGTERM, signal.SIGINT, signal.SIGUSR1
+
+
+@contextlib.contextmanager
+def sigint_starting_as(handler) -> Iterator[None]:
+    """SIGINT set to `handler` for the duration, then restored to what the test process had."""
+    found = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, found)
+
+
+@pytest.fixture(autouse=True)
+def foreground():
+    """As started from a terminal: Python's KeyboardInterrupt handler (also what a child process then starts with)."""
+    with sigint_starting_as(signal.default_int_handler):
+        yield
+
+
+def handlers() -> dict[int, object]:
+    return {s: signal.getsignal(s) for s in loop.STOP_SIGNALS}
 
 
 def signals_during_step(monkeypatch, step: int, *signums: int) -> None:
@@ -49,14 +76,14 @@ def straight4(test_models, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("signum", [T, I, U], ids=lambda s: signal.Signals(s).name)
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(signum, test_models, straight4, tmp_path,
                                                                            monkeypatch):
-    before = {s: signal.getsignal(s) for s in loop.STOP_SIGNALS}
+    before = handlers()
     signals_during_step(monkeypatch, 2, signum)
     result = run_inproc(test_models, tmp_path, 4, *LINEAR)
     assert result.stopped_by == signal.Signals(signum).name and result.steps_done == 2
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]                # the current step was finished
     assert ckpt.is_valid(tmp_path / "checkpoints" / "step-000002") is None  # checkpoint.every_steps is 0
     assert not (tmp_path / "final").exists()
-    assert {s: signal.getsignal(s) for s in loop.STOP_SIGNALS} == before    # handlers restored
+    assert handlers() == before                                             # handlers restored
     monkeypatch.undo()
     result = run_inproc(test_models, tmp_path, 4, *LINEAR)                  # "run the same command again"
     assert result.stopped_by is None and result.steps_done == 4
@@ -69,6 +96,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(signu
                          ids=lambda v: "-".join(signal.Signals(s).name[3:] for s in v) if isinstance(v, tuple)
                          else ("aborts" if v else "stops"))
 def test_second_ctrl_c_aborts_at_once_repeated_requests_do_not(signums, aborts, test_models, tmp_path, monkeypatch):
+    before = handlers()
     signals_during_step(monkeypatch, 2, *signums)
     if aborts:
         with pytest.raises(KeyboardInterrupt):
@@ -78,7 +106,17 @@ def test_second_ctrl_c_aborts_at_once_repeated_requests_do_not(signums, aborts, 
     else:
         result = run_inproc(test_models, tmp_path, 4)
         assert result.stopped_by == signal.Signals(signums[0]).name and result.steps_done == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert handlers() == before                                             # restored, after an abort too
+
+
+def test_a_background_job_keeps_sigint_ignored_and_stops_on_sigterm(test_models, tmp_path, monkeypatch):
+    """`cmd &` / `nohup cmd &`: the shell hands the job SIGINT ignored; Ctrl-C is not meant for it."""
+    with sigint_starting_as(signal.SIG_IGN):
+        before = handlers()
+        signals_during_step(monkeypatch, 2, I, T)
+        result = run_inproc(test_models, tmp_path, 4)
+        assert result.stopped_by == "SIGTERM" and result.steps_done == 2  # SIGINT ignored, SIGTERM a clean stop
+        assert handlers() == before and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def test_demo_cache_logic(tmp_path, monkeypatch):
     # other hyperparameters -> another cache entry
     monkeypatch.setitem(tm.DEMO_HPARAMS, "seed", 1)
     assert tm.build_demo_assets()["policy"].parent != root and len(calls) == 4
-    assert not [p for p in cache.iterdir() if p.name.startswith((".tmp", ".old"))]
+    assert not [p for p in cache.iterdir() if p.name.endswith((".tmp", ".old"))]  # no leftovers of the swaps
 
 
 def test_demo_cache_survives_a_crash(tmp_path, monkeypatch):

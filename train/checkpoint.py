@@ -16,10 +16,11 @@
                                                          the step and each file's size; a folder without it, or
                                                          whose files do not match it, is never resumed from
 
-A checkpoint is written to `step-NNNNNN.tmp`, then renamed: a crash (even SIGKILL) mid-write leaves only a `.tmp`
-folder, which is ignored and cleaned up; an old folder being replaced or pruned is first renamed to `.old`. So the
-newest complete checkpoint survives a kill at any moment. Assumes `output_dir` is on a filesystem every rank sees
-(as on any cluster).
+A checkpoint is written to `step-NNNNNN.tmp`, then swapped into place by train/atomic.py: a crash (even SIGKILL)
+mid-write leaves only a `.tmp` folder, which is ignored and cleaned up; a folder of the same step being replaced is
+exchanged in one step (or renamed to `.old` first where the filesystem cannot), one being pruned is renamed to `.old`
+before it is deleted. So the newest complete checkpoint survives a kill at any moment. Assumes `output_dir` is on a
+filesystem every rank sees (as on any cluster).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from detoxrl.train.atomic import fsync_path, fsync_tree, replace_directory, temporary_path
 from detoxrl.train.config import Config, to_dict
 from detoxrl.train.distributed import gathered_trainable, zero_stage
 from detoxrl.train.models import CRITIC_ADAPTER
@@ -144,7 +146,7 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: di
                     step: int, keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the final folder."""
     final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temporary_path(final)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -167,22 +169,10 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: di
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_complete_marker(tmp, step)
-        if final.exists():  # replacing a folder of the same step: never leave a moment with neither of them
-            final.rename(final.with_name(final.name + ".old"))
-        tmp.rename(final)
-        _fsync(root)
-        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+        replace_directory(tmp, final)  # a folder of the same step is replaced without a moment with neither
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -193,13 +183,9 @@ def _file_sizes(folder: Path) -> dict[str, int]:
 def write_complete_marker(folder: Path, step: int) -> None:
     """Flush every file to disk, then write COMPLETE listing them with their sizes (a node crash or a truncated
     copy is then detected, not only a killed process)."""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            _fsync(p)
-    for d in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        _fsync(d)
+    fsync_tree(folder)
     (folder / COMPLETE).write_text(json.dumps({"step": step, "files": _file_sizes(folder)}, indent=1) + "\n")
-    _fsync(folder / COMPLETE)
+    fsync_path(folder / COMPLETE)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

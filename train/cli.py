@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from detoxrl.train.config import ConfigError, load_config, to_yaml
+from detoxrl.train.errors import InputError, report
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "demo_recipe.yaml"
 # 75 = EX_TEMPFAIL ("temporary failure, try again"): running the same command again resumes.
@@ -26,10 +27,13 @@ resume: a run continues from the newest complete checkpoint in run.output_dir/ch
 
 stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 make every process finish the current step, write a
   checkpoint and exit with status {EXIT_STOPPED}; run the same command again to resume. A second Ctrl-C
-  aborts at once (status {EXIT_ABORTED}); a kill -9 loses only the steps since the last checkpoint.
+  aborts at once (status {EXIT_ABORTED}); a kill -9 loses only the steps since the last checkpoint. A job
+  started in the background (`cmd &`, nohup), which its shell hands SIGINT ignored, keeps ignoring it.
 
-exit status: 0 finished; {EXIT_CONFIG_ERROR} config error; {EXIT_NONFINITE} too many non-finite losses;
-  {EXIT_STOPPED} stopped by a signal after writing a checkpoint; {EXIT_ABORTED} aborted by a second Ctrl-C."""
+exit status: 0 finished; {EXIT_CONFIG_ERROR} config or input error (a key, data file, line, column or
+  model that is wrong: one line says which and how to fix it; --debug adds the traceback);
+  {EXIT_NONFINITE} too many non-finite losses; {EXIT_STOPPED} stopped by a signal after writing a checkpoint;
+  {EXIT_ABORTED} aborted by a second Ctrl-C."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--config", type=Path, default=None, help="YAML recipe (default: the offline demo recipe)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a config or input error too")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the YAML file")
     return p.parse_args(argv)
 
@@ -47,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config or DEMO_RECIPE, args.overrides)
     except ConfigError as err:
-        print(f"detoxrl-train: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return report("detoxrl-train", err, args.debug)
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(cfg)
+    except (ConfigError, InputError) as err:  # a launch problem, or a data file, line, column or model that is wrong
+        return report("detoxrl-train", err, args.debug)
     except NonFiniteLossError as err:
         print(f"detoxrl-train: {err}", file=sys.stderr)
         return EXIT_NONFINITE

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from detoxrl.launch.devices import DEVICE_RE
+from detoxrl.train.devices import DEVICE_RE
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,7 @@
 """accelerate / DeepSpeed plumbing for the loop: one place for the strategy-specific details.
 
-- `make_accelerator`: the Accelerator, refusing the silent single-process traps of CPU launches (DESIGN.md).
+- `make_accelerator`: the Accelerator, refusing the silent single-process traps of CPU launches
+  (docs/ARCHITECTURE.md, "Distributed traps").
 - `models_built_whole`: ZeRO-3 must not build the models inside `deepspeed.zero.Init` (prepare shards the policy).
 - `fill_deepspeed_config`: the DeepSpeed JSON's "auto" entries from the run config (there is no dataloader for
   accelerate to read a batch size from).
@@ -21,7 +22,15 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from detoxrl.train.config import ConfigError
+
 log = logging.getLogger("detoxrl.distributed")
+
+
+class LaunchError(ConfigError):
+    """A launch that would train wrongly or not at all (precision, device, process count); says what to type."""
+
+    label = "launch error"  # how the CLIs introduce it (train/errors.py report)
 
 
 def deepspeed_requested() -> bool:
@@ -37,9 +46,9 @@ def make_accelerator(run_device: str, gradient_accumulation_steps: int):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_ds = deepspeed_requested()
     if use_ds and run_device == "cpu" and torch.cuda.is_available():
-        raise ValueError("run.device=cpu under DeepSpeed: DeepSpeed trains on the GPUs when there are any; drop "
-                         "run.device=cpu or launch without DeepSpeed")
-    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (see DESIGN.md). Only when
+        raise LaunchError("run.device=cpu under DeepSpeed: DeepSpeed trains on the GPUs when there are any; drop "
+                          "run.device=cpu or launch without DeepSpeed")
+    # gloo on CPU: without it accelerate reports a single process for multi-CPU runs (docs/ARCHITECTURE.md). Only when
     # launched with several processes: an explicit backend in a plain single process makes accelerate fail.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not torch.cuda.is_available() else []
     if use_ds:  # raised by DeepSpeed's own collectives on every step; nothing a user can act on
@@ -49,21 +58,34 @@ def make_accelerator(run_device: str, gradient_accumulation_steps: int):
     accelerator = Accelerator(cpu=run_device == "cpu" and not use_ds, kwargs_handlers=handlers,
                               gradient_accumulation_steps=gradient_accumulation_steps)
     if accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
-        raise ValueError(f"accelerate was launched with gradient accumulation {accelerator.gradient_accumulation_steps}"
-                         f" (ACCELERATE_GRADIENT_ACCUMULATION_STEPS); detoxrl takes it from "
-                         f"ppo.gradient_accumulation_steps={gradient_accumulation_steps}: set that instead")
+        raise LaunchError(f"accelerate was launched with gradient accumulation "
+                          f"{accelerator.gradient_accumulation_steps} (ACCELERATE_GRADIENT_ACCUMULATION_STEPS); detoxrl "
+                          f"takes it from ppo.gradient_accumulation_steps={gradient_accumulation_steps}: set that instead")
     if use_ds and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise RuntimeError(
+        raise LaunchError(
             f"DeepSpeed was requested but accelerate set up {accelerator.distributed_type.value}: ACCELERATE_USE_CPU "
             f"(or --cpu / use_cpu: true) turns DeepSpeed off. On a CPU-only machine launch DeepSpeed without it.")
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         # e.g. --multi_gpu without GPUs: 2 processes that accelerate treats as unrelated (no gradient all-reduce)
-        raise RuntimeError(
+        raise LaunchError(
             f"launched with WORLD_SIZE={world}, but accelerate set up {accelerator.num_processes} process(es) of "
             f"type {accelerator.distributed_type.value}, which would not synchronise gradients. On a CPU-only "
             f"machine DDP needs ACCELERATE_USE_CPU=1 with --multi_gpu; `--cpu --num_processes N` runs one process "
-            f"(DESIGN.md). detoxrl-launch builds working command lines.")
+            f"(the header of configs/accelerate/ddp.yaml shows the CPU command). detoxrl-launch builds working "
+            f"command lines.")
+    check_precision(accelerator.device, accelerator.mixed_precision)
     return accelerator
+
+
+def check_precision(device: torch.device, mixed_precision: str) -> None:
+    """The CPU trains in float32 only; a GPU without mixed precision works but is worth a warning, since the shipped
+    accelerate files leave precision to the command line."""
+    if device.type == "cpu" and mixed_precision != "no":
+        raise LaunchError(f"mixed precision {mixed_precision} was requested, but this run trains on the CPU, which "
+                          f"detoxrl does in float32: drop --mixed_precision (or pass --mixed_precision no)")
+    if device.type == "cuda" and mixed_precision == "no":
+        log.warning("no mixed precision on %s: the shipped accelerate configs take precision from the command line; "
+                    "add --mixed_precision bf16 (fp16 on GPUs without bf16) unless float32 is what you want", device)
 
 
 def zero_stage(accelerator) -> Optional[int]:
@@ -98,8 +120,8 @@ def fill_deepspeed_config(accelerator, mini_batch_size: int, gradient_accumulati
     }
     config = plugin.deepspeed_config
     if "scheduler" in config:  # DeepSpeed would step it inside its engine, on top of ours
-        raise ValueError("the DeepSpeed config has a \"scheduler\" section: detoxrl steps its own learning-rate "
-                         "schedule (optim.scheduler, optim.warmup_steps) in every strategy; remove the section")
+        raise LaunchError("the DeepSpeed config has a \"scheduler\" section: detoxrl steps its own learning-rate "
+                          "schedule (optim.scheduler, optim.warmup_steps) in every strategy; remove the section")
     conflicts = []
     for key, (value, source) in from_run.items():
         current = config.get(key, "auto")
@@ -108,8 +130,8 @@ def fill_deepspeed_config(accelerator, mini_batch_size: int, gradient_accumulati
         elif float(current) != float(value):
             conflicts.append(f"{key}={current} in the DeepSpeed config, but the run needs {value} ({source})")
     if conflicts:
-        raise ValueError("DeepSpeed config contradicts the run config: " + "; ".join(conflicts) +
-                         ". Set these entries to \"auto\" so they follow the run config.")
+        raise LaunchError("DeepSpeed config contradicts the run config: " + "; ".join(conflicts) +
+                          ". Set these entries to \"auto\" so they follow the run config.")
     for key, value in from_width.items():
         if plugin.is_auto(key):
             node, leaf = plugin.hf_ds_config.find_config_node(key)
@@ -121,8 +143,8 @@ def fill_deepspeed_config(accelerator, mini_batch_size: int, gradient_accumulati
 def models_built_whole(accelerator) -> Iterator[None]:
     """Under ZeRO-3, load models whole rather than inside `deepspeed.zero.Init`: `prepare` shards the policy, while
     the reference copy and the reward models are never sharded (nothing would gather them), and T5 built inside
-    zero.Init came out degenerate (DESIGN.md). transformers decides from accelerate's global DeepSpeed config, even
-    with zero3_init_flag false, so that is hidden for the duration."""
+    zero.Init came out degenerate (docs/ARCHITECTURE.md). transformers decides from accelerate's global DeepSpeed
+    config, even with zero3_init_flag false, so that is hidden for the duration."""
     if zero_stage(accelerator) != 3:
         yield
         return

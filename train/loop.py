@@ -1,6 +1,8 @@
-"""The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in DESIGN.md.
+"""The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in
+docs/ARCHITECTURE.md.
 
-    setup: accelerator, data, models (policy + value head, reference, reward), optimizer, resume
+    setup: accelerator, preflight (configs, tokenizers, data: bad input fails before any weights load), models
+           (policy + value head, reference, reward), optimizer, resume
     for each step:
         1. prompts      this rank's shard of the shuffled prompt set
         2. rollout      batched sampling from the policy (LoRA on)
@@ -35,20 +37,21 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from detoxrl.launch.devices import gpu_index, place_auxiliary
 from detoxrl.train import assets, checkpoint as ckpt
+from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
-from detoxrl.train.data import PromptSampler, build_prompts, load_rows
+from detoxrl.train.data import PromptSampler
+from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train.distributed import (accumulating, describe, fill_deepspeed_config, gathered_trainable,
                                        generation_weights, make_accelerator, models_built_whole, zero_stage)
-from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, context_window, count_parameters,
-                                  detect_kind, generate_rollouts, load_tokenizer, reference_logprobs, resolve_device,
-                                  resolve_dtype, sampling_mismatches)
 from detoxrl.train.advantages import critic_free_advantages, decoupled_gae, value_clip_range
+from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, count_parameters, generate_rollouts,
+                                  reference_logprobs, resolve_device, resolve_dtype, sampling_mismatches)
 from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss,
                                     entropy_from_logits, explained_variance, kl_estimate, logprobs_from_logits,
                                     loss_denominator, masked_mean, masked_whiten, normalize_and_clip,
                                     per_token_rewards, policy_loss, value_loss)
+from detoxrl.train.preflight import preflight
 from detoxrl.train.reward import RewardModel, build_reward
 from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, setup_logging,
                                     write_json)
@@ -69,6 +72,12 @@ class StopRequest:
     A second SIGINT aborts at once (KeyboardInterrupt), and so does a SIGTERM after a SIGINT: that is how torchrun
     (`accelerate launch`) relays a second Ctrl-C to its workers. Repeated SIGTERM / SIGUSR1 are only logged: SLURM
     and launchers often deliver one request twice (to the process and through its parent).
+
+    A SIGINT that was ignored when training started stays ignored. A shell starts a background job (`cmd &`,
+    `nohup cmd &`, many CI runners) with SIGINT ignored so that Ctrl-C at the terminal does not reach it; POSIX
+    programs keep it that way (Python itself does not install its KeyboardInterrupt handler then), and so does the
+    trainer: such a job stops on SIGTERM or SIGUSR1. On exit every handler is restored to exactly what was found
+    (one that was not set from Python, which `signal.signal` cannot give back, becomes SIG_DFL).
     """
 
     def __init__(self) -> None:
@@ -77,12 +86,16 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
+                if s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # a background job: Ctrl-C is not meant for it
+                self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
     @property
     def name(self) -> Optional[str]:
@@ -389,7 +402,7 @@ def _ppo_epochs(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, p
 
 
 def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device], Optional[torch.device]]:
-    """Devices of the reward terms and of the reference copy (None when shared) for this rank (launch/devices.py)."""
+    """Devices of the reward terms and of the reference copy (None when shared) for this rank (train/devices.py)."""
     copy_ref = cfg.reference.mode == "copy"
     requested = [t.device for t in cfg.reward.terms] + ([cfg.reference.device] if copy_ref else [])
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0  # a CPU run keeps `auto` on the CPU
@@ -469,14 +482,11 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     random.seed(cfg.run.seed)  # the same start whatever ran before in this process (resumes restore all three)
     np.random.seed(cfg.run.seed)
 
-    with accelerator.main_process_first():  # rank 0 builds the demo assets / downloads; others then read the cache
-        policy_path = assets.resolve(cfg.policy.model, "policy")
-        data_path = assets.resolve(cfg.data.dataset, "data")
-        kind = detect_kind(policy_path, cfg.policy.kind, cfg.policy.revision, cfg.policy.trust_remote_code)
-        tokenizer = load_tokenizer(policy_path, kind, cfg.policy.revision, cfg.policy.trust_remote_code)
-        train_rows = load_rows(data_path, cfg.data.split)
-        eval_rows = load_rows(data_path, cfg.evaluation.split) if cfg.evaluation.before_after else None
-    prompts = build_prompts(train_rows, cfg.data, tokenizer, kind, cfg.run.seed)
+    # rank 0 builds the demo assets / downloads; others then read the cache. Models whole: under ZeRO-3 transformers
+    # would otherwise load them inside zero.Init, whose collectives deadlock against the waiting ranks.
+    with accelerator.main_process_first(), models_built_whole(accelerator):
+        inputs = preflight(cfg)  # configs, tokenizers and data only: bad input fails here, before any weights load
+    policy_path, kind, tokenizer, prompts = inputs.policy_path, inputs.kind, inputs.tokenizer, inputs.prompts
     k = cfg.ppo.k  # responses per prompt: a rank samples all k of its prompts (groups never straddle ranks)
     sampler = PromptSampler(len(prompts), cfg.ppo.batch_size // k, rank, world, cfg.run.seed)
     log.info("%d training prompts (%s, split %s), %d process(es), global batch %d responses (%d per prompt)",
@@ -487,9 +497,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                         why)
 
     stage = zero_stage(accelerator)  # None unless DeepSpeed
-    if device.type == "cpu" and accelerator.mixed_precision != "no":
-        raise ValueError(f"mixed precision {accelerator.mixed_precision} was requested, but this run trains on the "
-                         f"CPU, which detoxrl does in float32: launch with --mixed_precision no")
     if stage == 3 and cfg.policy.quantization:
         raise ValueError("policy.quantization (bitsandbytes) cannot be combined with DeepSpeed ZeRO-3, which shards "
                          "the weights: use the ddp or zero2 strategy")
@@ -501,12 +508,6 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         reference = None if shared_ref else build_reference_copy(
             cfg.policy, cfg.reference, policy_path, kind, reference_device, dtype)
         reward = build_rewards_on(cfg, reward_devices, dtype)
-    window = context_window(policy.lm.config) if kind == "causal" else None
-    max_new = max(cfg.generation.max_new_tokens, (cfg.generation.max_new_tokens_range or [0, 0])[1])
-    longest_prompt = max(len(p) for p in prompts.input_ids)
-    if window is not None and longest_prompt + max_new > window:
-        raise ValueError(f"prompt ({longest_prompt} tokens) + response ({max_new} tokens) exceeds the model's "
-                         f"window of {window}; lower data.max_prompt_tokens or generation.max_new_tokens")
     total_params, trainable_params = count_parameters(policy)
     log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, kind, dtype,
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
@@ -584,7 +585,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
 
     eval_prompts = eval_texts = None
     if cfg.evaluation.before_after:
-        held = build_prompts(eval_rows, cfg.data, tokenizer, kind, cfg.run.seed)
+        held = inputs.heldout
         n = min(cfg.evaluation.num_samples, len(held))
         eval_prompts, eval_texts = held.input_ids[:n], held.texts[:n]
         if "before" not in evaluation:
@@ -776,17 +777,9 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     final_dir = out / "final"
     with gathered_trainable(accelerator, policy):  # collective under ZeRO-3: every rank gathers, rank 0 writes
         if is_main:
-            tmp = out / "final.tmp"
-            if tmp.exists():
-                import shutil
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            ckpt.save_policy_files(unwrapped, tmp)
-            tokenizer.save_pretrained(str(tmp))
-            if final_dir.exists():
-                import shutil
-                shutil.rmtree(final_dir)
-            tmp.rename(final_dir)
+            with atomic_directory(final_dir) as tmp:
+                ckpt.save_policy_files(unwrapped, tmp)
+                tokenizer.save_pretrained(str(tmp))
         if os.environ.get("DETOXRL_DEBUG_DIR"):  # test hook: every rank's copy of the trainable weights
             from safetensors.torch import save_file
             save_file({k: v.detach().float().cpu().contiguous() for k, v in unwrapped.trainable_state_dict().items()},

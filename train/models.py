@@ -20,6 +20,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           GenerationConfig as HFGenerationConfig, PreTrainedTokenizerBase)
 
 from detoxrl.train.config import CriticConfig, GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
+from detoxrl.train.errors import InputError, InputNotFoundError, loading_model
 from detoxrl.train.ppo_math import logprobs_from_logits
 
 log = logging.getLogger("detoxrl.models")
@@ -55,23 +56,30 @@ def resolve_device(name: str, default: torch.device) -> torch.device:
     return dev
 
 
+def kind_of(config) -> str:
+    """`seq2seq` or `causal`, from a model config."""
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
 def detect_kind(model_path: str, kind: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> str:
     if kind != "auto":
         return kind
-    cfg = AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
-    return "seq2seq" if getattr(cfg, "is_encoder_decoder", False) else "causal"
+    with loading_model(model_path, revision=revision):
+        cfg = AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    return kind_of(cfg)
 
 
 def load_tokenizer(model_path: str, kind: str, revision: Optional[str] = None,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    with loading_model(model_path, revision=revision):
+        tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"tokenizer of {model_path} has neither a pad nor an eos token")
+            raise InputError(f"tokenizer of {model_path} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token  # GPT-2 style: pad with EOS; the response mask handles it
     tok.padding_side = "left" if kind == "causal" else "right"
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {model_path} has no eos token; responses could never end")
+        raise InputError(f"tokenizer of {model_path} has no eos token; responses could never end")
     return tok
 
 
@@ -124,8 +132,9 @@ def load_base_model(path: str, kind: str, dtype: torch.dtype, revision: Optional
     extra = {}
     if quantization:
         extra = {"quantization_config": bitsandbytes_config(quantization, dtype, device), "device_map": {"": device}}
-    model = _auto_model_class(kind).from_pretrained(path, dtype=dtype, revision=revision,
-                                                    trust_remote_code=trust_remote_code, **extra)
+    with loading_model(path, revision=revision):
+        model = _auto_model_class(kind).from_pretrained(path, dtype=dtype, revision=revision,
+                                                        trust_remote_code=trust_remote_code, **extra)
     _disable_dropout(model)
     return model
 
@@ -292,7 +301,7 @@ def build_policy(cfg: PolicyConfig, model_path: str, kind: str, device: torch.de
     if cfg.adapter:
         adapter = Path(cfg.adapter)
         if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"policy.adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
+            raise InputNotFoundError(f"policy.adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
         lm = PeftModel.from_pretrained(base, str(adapter), adapter_name=TRAINABLE_ADAPTER, is_trainable=True)
         if reference_shared:
             # The reference is base + the SFT adapter as it was at the start: a second, frozen copy of it.

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from detoxrl.train.config import RewardTermConfig
+from detoxrl.train.errors import InputError, loading_model
 
 log = logging.getLogger("detoxrl.reward")
 
@@ -24,7 +25,7 @@ def resolve_label(id2label: dict, name: str, model_name: str) -> int:
         if label == name:
             return int(idx)
     valid = ", ".join(repr(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0])))
-    raise ValueError(f"reward model {model_name!r} has no label {name!r}; its labels are: {valid}")
+    raise InputError(f"reward model {model_name!r} has no label {name!r}; its labels are: {valid}")
 
 
 def fit_to_window(ids: list[int], offsets: list[tuple[int, int]], special: list[int], response_start: int,
@@ -61,12 +62,15 @@ class RewardTerm:
         self.device = device
         self.name = cfg.model
         tok_path = cfg.tokenizer or model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
+        with loading_model(tok_path):
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
         if not self.tokenizer.is_fast:
-            raise ValueError(f"reward tokenizer {tok_path!r} must be a fast tokenizer (offsets are needed to keep "
+            raise InputError(f"reward tokenizer {tok_path!r} must be a fast tokenizer (offsets are needed to keep "
                              "the response when cutting the prompt)")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device).eval().requires_grad_(False)
+        with loading_model(model_path):
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        self.model = self.model.to(device).eval().requires_grad_(False)
         self.label_index = resolve_label(self.model.config.id2label, cfg.label, cfg.model)
         limit = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1_000_000 else 512
         positions = getattr(self.model.config, "max_position_embeddings", None)

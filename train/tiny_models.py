@@ -32,10 +32,8 @@ import logging
 import os
 import random
 import re
-import shutil
 import string
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -44,6 +42,8 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AddedToken, PreTrainedTokenizerFast
+
+from detoxrl.train.atomic import atomic_directory
 
 logger = logging.getLogger("detoxrl.tiny_models")
 
@@ -840,7 +840,8 @@ def build_demo_assets(cache_dir: Path | None = None, force: bool = False) -> dic
     The cache lives in ``cache_dir`` (default ``$DETOXRL_CACHE`` or ``~/.cache/detoxrl``)
     under ``demo-<hash>``, the hash covering the shipped data, :data:`BUILDER_VERSION`,
     the hyperparameters and the torch/transformers versions.  Builds go to a temporary
-    folder renamed into place when complete; a file lock serialises concurrent builders.
+    folder swapped into place when complete (train/atomic.py); a file lock serialises
+    concurrent builders.
     ``force=True`` rebuilds even when a cached copy exists.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
@@ -856,10 +857,9 @@ def build_demo_assets(cache_dir: Path | None = None, force: bool = False) -> dic
         if not force and _is_complete(final):  # built by another process meanwhile
             logger.info("demo assets: using cache %s", final)
             return _demo_paths(final)
-        tmp = root / f".tmp-demo-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         logger.info("demo assets: building into %s (about half a minute on one CPU core)", final)
         t0 = time.perf_counter()
-        try:
+        with atomic_directory(final) as tmp:  # under the lock: no other builder of this key runs meanwhile
             with _torch_threads(_BUILD_THREADS), _quiet_progress():
                 metrics = _build_demo_into(tmp, hp)
             manifest = {
@@ -868,21 +868,6 @@ def build_demo_assets(cache_dir: Path | None = None, force: bool = False) -> dic
                 "torch": torch.__version__, "transformers": transformers.__version__,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            old = None
-            if final.exists():
-                old = root / f".old-demo-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not _is_complete(final):
-                    raise
-                logger.info("demo assets: another process finished first; using %s", final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("demo assets: built in %.1fs: %s", time.perf_counter() - t0, metrics)
     return _demo_paths(final)
 
