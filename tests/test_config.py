@@ -78,6 +78,11 @@ def test_override_can_replace_the_list_of_reward_terms():
     ("evaluation.term=3", "evaluation.term"),
     ("run.total_steps=0", "run.total_steps"),
     ("notakeyvalue", "section.key=value"),
+    ("ppo.k=3", "ppo.batch_size: (16) counts responses and must be divisible by ppo.k (3)"),
+    ("ppo.estimator=rloo", "ppo.k: ppo.estimator=rloo compares the responses to one prompt: needs ppo.k >= 2"),
+    ("ppo.kl.mode=loss", "ppo.kl.estimator: ppo.kl.mode=loss needs k2 or k3"),
+    ("critic.warmup_steps=-1", "critic.warmup_steps"),
+    ("critic.value_clip=off", "critic.value_clip"),          # YAML's false: the choices are named
 ])
 def test_bad_config_fails_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -122,3 +127,25 @@ def test_every_field_is_documented():
     assert len(rows) > 60
     undocumented = [r for r in rows if r.rstrip().endswith("|  |")]
     assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["ppo.estimator=grpo", "ppo.k=4", "critic.mode=adapter"], "critic.mode: adapter builds a critic that"),
+    (["ppo.estimator=rloo", "ppo.k=4", "critic.warmup_steps=2"], "critic.warmup_steps: ppo.estimator=rloo trains no"),
+    (["critic.mode=adapter", "policy.gradient_checkpointing=true"], "policy.gradient_checkpointing: cannot be combined"),
+])
+def test_critic_options_that_cannot_work_together_fail(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(REPO / "configs/ppo/demo.yaml", overrides)
+
+
+def test_moved_keys_say_what_replaced_them(tmp_path):
+    with pytest.raises(ConfigError, match="policy.value_head_detach was replaced by critic.mode"):
+        load_config(None, ["policy.value_head_detach=true"])
+    old = tmp_path / "old.yaml"
+    old.write_text("ppo:\n  value_clip_range: 0.2\n")
+    with pytest.raises(ConfigError, match="ppo.value_clip_range was replaced by critic.value_clip_range"):
+        load_config(old)
+    cfg = load_config(None, ["critic.mode=adapter", "critic.lora={r: 4, alpha: 8, target_modules: [q]}",
+                             "ppo.estimator=gae", "critic.value_clip=none", "ppo.k=4", "ppo.batch_size=16"])
+    assert cfg.critic.lora.r == 4 and cfg.critic.lora.target_modules == ["q"] and cfg.critic.value_clip == "none"

@@ -4,9 +4,12 @@ run checks that 2 processes ran, that ranks saw different prompts, that their tr
 several steps and that losses are finite; the strategies must end with the same adapter. ZeRO-3 resumes exactly from
 a checkpoint while generating on the sharded model (`synced_gpus`), with responses ending at different lengths per
 rank (without `synced_gpus` that deadlocks; the timeout turns a hang into a failure). An equivalence test runs one
-PPO update on a fixed rollout as 1 process x 8 rows and 2 processes x 4 rows. GPU-only paths are marked `gpu`.
+PPO update on a fixed rollout as 1 process x 8 rows and 2 processes x 4 rows. One launch per strategy (DDP, ZeRO-2)
+trains every advantage estimator and critic mode on both policy kinds and resumes each bitwise. GPU-only paths are
+marked `gpu`.
 
-This file is also the worker the equivalence test launches: `python tests/test_distributed.py equivalence ...`.
+This file is also the worker the equivalence and estimator tests launch: `python tests/test_distributed.py
+equivalence|combos ...`.
 
 Environment: TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) caches the op DeepSpeed compiles on first use
 (~40 s once).
@@ -15,6 +18,7 @@ Environment: TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) caches the
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -344,6 +348,154 @@ def test_one_update_is_the_same_on_1x8_and_2x4(test_models, single_process_updat
     torch.testing.assert_close(ref_split[:, :T], ref_single[:, :T], atol=1e-5, rtol=1e-5)
 
 
+# ---- every estimator and critic mode, both policy kinds, one launch per strategy (issue 9) -------------------------
+# (name, overrides): the estimators and critic modes, each also carrying some of the other new options so that these
+# run on 2 ranks too (relative value clip, std-only reward scaling, decoupled lambda, both other loss aggregations,
+# KL as a loss, a critic warm-up that the resume crosses). Dr. GRPO (grpo without std scaling) differs from grpo only
+# in group-local maths, tested in test_ppo_math.py and test_train.py.
+COMBOS = [
+    ("gae-shared", ["critic.value_clip=relative", "reward.normalize=true", "reward.normalize_shift_mean=false"]),
+    ("gae-detached", ["critic.mode=detached", "critic.lam=1.0", "ppo.loss_aggregation=seq_mean_token_mean"]),
+    ("gae-adapter", ["critic.mode=adapter", "critic.lr=0.003", "critic.warmup_steps=1", "critic.value_clip=none"]),
+    ("rloo", ["ppo.estimator=rloo", "ppo.k=2"]),
+    ("grpo", ["ppo.estimator=grpo", "ppo.k=2", "ppo.kl.mode=loss", "ppo.kl.estimator=k3"]),
+    ("reinforce-pp", ["ppo.estimator=reinforce_pp", "ppo.k=2", "ppo.loss_aggregation=token_sum_norm"]),
+]
+COMBO_RUN = ["run.total_steps=2", "run.cpu_threads=1", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+             "generation.max_new_tokens=8", "optim.lr=0.003", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+             "logging.progress_bar=false", "logging.sample_every=0", "logging.tensorboard=false",
+             "evaluation.before_after=false"]
+
+
+def kind_overrides(kind: str, paths: dict[str, str]) -> list[str]:
+    """seq2seq: the demo's T5 summariser and toxicity classifier; causal: the tiny GPT-2 with an IMDb classifier (its
+    own tokenizer) on 2-8 token review prompts."""
+    if kind == "seq2seq":
+        return [f"policy.model={paths['t5']}", f"reward.terms.0.model={paths['t5_reward']}",
+                f"data.dataset={paths['t5_data']}"]
+    return [f"policy.model={paths['gpt2']}", "policy.kind=causal", "policy.lora.target_modules=[c_attn]",
+            f"reward.terms.0.model={paths['gpt2_reward']}", "reward.terms.0.label=POSITIVE",
+            f"data.dataset={paths['gpt2_data']}", "data.text_field=text", "data.template='{text}'",
+            "data.prompt_tokens_range=[2,8]", "data.max_prompt_tokens=16", "data.reference_field=null"]
+
+
+def combos_worker(argv: list[str]) -> None:
+    """Under `accelerate launch` (2 processes): for every (kind, combination) train 2 steps with a checkpoint each step,
+    then resume a copy of the step-1 checkpoint to step 2, in ONE process group (a launch costs more than all the runs).
+    Rank 0 writes one JSON line of facts per combination to <out>/combos.jsonl; the test asserts on them."""
+    import accelerate
+    from accelerate.utils import gather_object
+
+    from detoxrl.train.config import load_config
+    from detoxrl.train.loop import train
+
+    # train() ends with accelerator.end_training(), which destroys the process group; the runs here share it
+    accelerate.Accelerator.end_training = lambda self: None
+    out, paths = Path(argv[0]), json.loads(Path(argv[1]).read_text())
+
+    def trainable(result) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in result.policy.trainable_state_dict().items()}
+
+    for kind in ("seq2seq", "causal"):
+        for name, extra in COMBOS:
+            root = out / f"{kind}-{name}"
+            base = [*kind_overrides(kind, paths), *COMBO_RUN, *extra]
+            os.environ["DETOXRL_DEBUG_DIR"] = str(root / "debug")
+            straight = train(load_config(DEMO_RECIPE, [*base, f"run.output_dir={root / 'straight'}"]))
+            w_straight = trainable(straight)
+            state = accelerate.PartialState()  # (after train() has set it up, with gloo on CPUs)
+            if state.is_main_process:
+                shutil.copytree(root / "straight" / "checkpoints" / "step-000001",
+                                root / "resumed" / "checkpoints" / "step-000001")
+            state.wait_for_everyone()
+            os.environ["DETOXRL_DEBUG_DIR"] = str(root / "debug_resumed")
+            resumed = train(load_config(DEMO_RECIPE, [*base, f"run.output_dir={root / 'resumed'}"]))
+            w_resumed = trainable(resumed)
+            ranks = gather_object([w_straight])
+            if state.is_main_process:
+                init = load_st(root / "straight" / "checkpoints" / "step-000001" / "adapter_model.safetensors")
+                timeless = [{k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))}
+                            for m in (straight.metrics[-1], resumed.metrics[-1])]
+                debug = [read_jsonl(root / "debug" / f"rank-{r:05d}.jsonl") for r in (0, 1)]
+                record = {
+                    "kind": kind, "name": name, "world_size": state.num_processes,
+                    "distributed_type": state.distributed_type.value,
+                    "steps": [[m["step"] for m in straight.metrics], [m["step"] for m in resumed.metrics]],
+                    "finite_losses": all(all(x == x and abs(x) != float("inf") for x in d["loss"]) and d["loss"]
+                                         for rank in debug for d in rank),
+                    "ranks_identical": all(r.keys() == w_straight.keys() and all(torch.equal(r[k], w_straight[k])
+                                                                                 for k in r) for r in ranks),
+                    "resume_bitwise": w_resumed.keys() == w_straight.keys() and all(
+                        torch.equal(w_resumed[k], w_straight[k]) for k in w_straight),
+                    "resume_metrics_equal": timeless[0].keys() == timeless[1].keys() and all(
+                        x == y or (x != x and y != y) for x, y in ((timeless[0][k], timeless[1][k])
+                                                                   for k in timeless[0])),  # (nan == nan here)
+                    "prompts_per_rank": [len(d["prompt_indices"]) for rank in debug for d in rank],
+                    "responses_per_rank": [len(d["response_lengths"]) for rank in debug for d in rank],
+                    "ranks_share_no_prompt": all(not set(a["prompt_indices"]) & set(b["prompt_indices"])
+                                                 for a, b in zip(*debug)),
+                    "policy_moved": max((w_straight[k] - init[k.replace("lm.", "", 1).replace(".default.", ".")])
+                                        .abs().max().item() for k in w_straight if ".default." in k and "lora_B" in k),
+                    "critic_keys": sorted({k.split(".")[0] if k.startswith("v_head") else "critic_adapter"
+                                           for k in w_straight if k.startswith("v_head") or ".critic." in k}),
+                    "value_loss_finite": math.isfinite(straight.metrics[-1]["ppo/loss/value"]),
+                    "policy_moved_in_step_1": max(v.abs().max().item() for k, v in init.items() if "lora_B" in k),
+                }
+                with open(out / "combos.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            state.wait_for_everyone()
+
+
+@pytest.fixture(scope="module")
+def combo_paths(demo_assets, test_models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("combo_paths") / "paths.json"
+    path.write_text(json.dumps({"t5": str(demo_assets["policy"]), "t5_reward": str(demo_assets["reward"]),
+                                "t5_data": str(demo_assets["data"]), "gpt2": str(test_models["gpt2"]),
+                                "gpt2_reward": str(test_models["distilbert_imdb"]),
+                                "gpt2_data": str(test_models["imdb"])}))
+    return path
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_every_estimator_and_critic_trains_both_kinds_on_two_ranks_and_resumes_bitwise(combo_paths, tmp_path,
+                                                                                       strategy):
+    """DDP and ZeRO-2, 2 CPU processes, one launch each: every (policy kind, estimator / critic mode) trains 2 steps
+    with finite losses, identical trainable weights on both ranks, groups of k responses kept on one rank, and
+    1 step + resume 1 step == 2 steps, bitwise (weights and metrics)."""
+    accelerate_bin = str(Path(sys.executable).parent / "accelerate")
+    common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    env = child_env()
+    if strategy == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+        flags = ["--multi_gpu"]
+    else:
+        flags = ["--config_file", str(REPO / "configs" / "accelerate" / "zero2.yaml"), "--deepspeed_config_file",
+                 str(REPO / "configs" / "deepspeed" / "zero2.json")]
+    argv = [accelerate_bin, "launch", *flags, *common, str(Path(__file__).resolve()), "combos", str(tmp_path),
+            str(combo_paths)]
+    result = run_bounded(argv, env, 2 * STRATEGY_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-6000:]
+    records = read_jsonl(tmp_path / "combos.jsonl")
+    assert [(r["kind"], r["name"]) for r in records] == [(k, n) for k in ("seq2seq", "causal") for n, _ in COMBOS]
+    for r in records:
+        where = f"{strategy} {r['kind']} {r['name']}: {r}"
+        assert r["world_size"] == 2 and r["distributed_type"] == ("MULTI_CPU" if strategy == "ddp" else "DEEPSPEED")
+        assert r["steps"] == [[1, 2], [2]], where
+        assert r["finite_losses"] and r["ranks_identical"] and r["ranks_share_no_prompt"], where
+        assert r["resume_bitwise"] is True and r["resume_metrics_equal"] is True, where
+        k = 2 if r["name"] in ("rloo", "grpo", "reinforce-pp") else 1
+        assert set(r["responses_per_rank"]) == {4} and set(r["prompts_per_rank"]) == {4 // k}, where
+        assert r["policy_moved"] > 0, where                    # the policy trained in step 2
+        # ... and in step 1 too (its LoRA B starts at 0), except during the critic's warm-up
+        assert (r["policy_moved_in_step_1"] == 0) is (r["name"] == "gae-adapter"), where
+        critic_free = k == 2
+        assert r["value_loss_finite"] is not critic_free, where  # no value loss without a critic
+        assert r["critic_keys"] == ([] if critic_free else ["critic_adapter", "v_head"] if r["name"] == "gae-adapter"
+                                    else ["v_head"]), where
+
+
 # ---- the launch traps of docs/ARCHITECTURE.md are refused, not silently run as one process -----------------------
 def trap_worker(argv: list[str]) -> None:
     from detoxrl.train.distributed import LaunchError, make_accelerator
@@ -470,4 +622,4 @@ def test_bitsandbytes_base_weights(demo_assets, tmp_path, bits):
 
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    {"equivalence": equivalence_worker, "trap": trap_worker}[mode](rest)
+    {"equivalence": equivalence_worker, "trap": trap_worker, "combos": combos_worker}[mode](rest)

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from detoxrl.train.config import GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
+from detoxrl.train.config import CriticConfig, GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
 from detoxrl.train.models import (build_policy, build_reference_copy, count_parameters, generate_rollouts,
                                   load_tokenizer, lm_forward, mask_after_eos, pad_prompts, reference_logprobs)
 from detoxrl.train.ppo_math import logprobs_from_logits
@@ -164,17 +164,180 @@ def test_causal_reference_copy_matches_base(test_models):
     assert all(not p.requires_grad for p in reference.parameters())
 
 
-@pytest.mark.parametrize("detach", [False, True])
-def test_value_head_detach_keeps_the_value_loss_out_of_the_lora_layers(test_models, detach):
-    cfg = PolicyConfig(model=str(test_models["t5"]), kind="seq2seq", value_head_detach=detach,
-                       lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q", "v"]))
-    policy = build_policy(cfg, str(test_models["t5"]), "seq2seq", CPU, torch.float32, reference_shared=True, seed=0)
+def critic_policy(test_models, mode: str, family: str = "t5", **extra):
+    kind, targets = ("seq2seq", ["q", "v"]) if family == "t5" else ("causal", ["c_attn"])
+    cfg = PolicyConfig(model=str(test_models[family]), kind=kind,
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=targets), **extra)
+    return build_policy(cfg, str(test_models[family]), kind, CPU, torch.float32, reference_shared=True, seed=0,
+                        critic=CriticConfig(mode=mode))
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("mode", ["shared", "detached", "adapter"])
+def test_the_value_loss_reaches_only_the_critics_parameters(test_models, mode, family):
+    """shared: the value loss trains the policy's LoRA too; detached: the head only; adapter: the critic adapter and
+    its head, never the policy's adapter."""
+    policy = critic_policy(test_models, mode, family)
     perturb_lora(policy)
     torch.nn.init.normal_(policy.v_head.weight, std=0.1)
-    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 1]], 0, False, CPU)
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 1]], 0, family == "gpt2", CPU)
     _, values = policy(ids, mask, torch.tensor([[5, 6, 1], [7, 1, 0]]))
     values.pow(2).sum().backward()                     # a loss on the values only
-    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n and p.requires_grad]
-    assert policy.v_head.weight.grad is not None and policy.v_head.weight.grad.abs().sum() > 0
-    reached = any(g is not None and g.abs().sum() > 0 for g in lora_grads)
-    assert reached is not detach
+    grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    reached = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert "v_head.weight" in reached
+    assert any(".default." in n for n in reached) is (mode == "shared")
+    assert any(".critic." in n for n in reached) is (mode == "adapter")
+    critic = {id(p) for p in policy.critic_parameters()}
+    assert {n for n, p in policy.named_parameters() if id(p) in critic} == (
+        {n for n in grads if ".critic." in n or n.startswith("v_head")})
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_critic_adapter_shares_the_base_and_leaves_policy_and_reference_alone(test_models, family):
+    """One copy of the base weights; moving the critic adapter changes values only, moving the policy adapter changes
+    logits only; the reference (every adapter off) moves with neither."""
+    policy = critic_policy(test_models, "adapter", family)
+    plain = critic_policy(test_models, "shared", family)
+    assert count_parameters(policy)[0] - count_parameters(plain)[0] == sum(
+        p.numel() for n, p in policy.named_parameters() if ".critic." in n)   # no second base
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 9, 1]], 0, family == "gpt2", CPU)
+    resp = torch.tensor([[5, 6, 1], [7, 1, 0]])
+
+    def outputs():
+        with torch.no_grad():
+            logits, values = policy(ids, mask, resp)
+            with policy.reference_mode():
+                ref, _ = policy(ids, mask, resp, want_values=False)
+        return logits, values, ref
+
+    torch.nn.init.normal_(policy.v_head.weight, std=0.1)
+    l0, v0, r0 = outputs()
+    for name, other in [("critic", "default"), ("default", "critic")]:
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.add_(torch.randn_like(p))
+        l1, v1, r1 = outputs()
+        torch.testing.assert_close(r1, r0, atol=0, rtol=0)                # the reference never moves
+        if name == "critic":
+            torch.testing.assert_close(l1, l0, atol=0, rtol=0)
+            assert (v1 - v0).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(v1, v0, atol=0, rtol=0)
+            assert (l1 - l0).abs().max() > 1e-4
+        l0, v0 = l1, v1
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)  # switching froze nothing
+
+
+# ---- review fixes: gradient checkpointing in eval mode, the model's generation_config, sampling vs scoring ----------
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_gradient_checkpointing_recomputes_activations_with_the_same_gradients(test_models, family):
+    """The policy stays in eval mode (dropout off) and its blocks are still recomputed in the backward pass: a hook
+    inside the first block fires again during backward, and the gradients equal those without checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 9, 1]], 0, family == "gpt2", CPU)
+    resp = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        policy = critic_policy(test_models, "shared", family, gradient_checkpointing=ckpt)
+        perturb_lora(policy)
+        torch.nn.init.normal_(policy.v_head.weight, std=0.1)
+        assert not policy.lm.base_model.model.training                      # the model itself stays in eval
+        block = next(m for m in policy.modules() if isinstance(m, GradientCheckpointingLayer))
+        inner = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+        seen = {"forward": 0, "backward": 0}
+        phase = ["forward"]
+        inner.register_forward_hook(lambda *_: seen.__setitem__(phase[0], seen[phase[0]] + 1))
+        logits, values = policy(ids, mask, resp)
+        loss = logits.float().logsumexp(-1).mean() + values.pow(2).mean()
+        phase[0] = "backward"
+        loss.backward()
+        calls[ckpt] = dict(seen)
+        grads[ckpt] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    assert calls[False]["backward"] == 0 and calls[True]["backward"] == calls[True]["forward"] > 0, calls
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-6, rtol=1e-5)
+
+
+def test_the_models_own_generation_config_does_not_change_sampling(test_models, caplog, monkeypatch):
+    """transformers fills unset generation fields from the model's generation_config: a checkpoint with
+    repetition_penalty=1.5, no_repeat_ngram_size=2 and suppressed tokens must sample exactly as one without (and say
+    that it ignored them)."""
+    import logging
+
+    from detoxrl.train import models
+
+    monkeypatch.setattr(models, "_warned", set())
+    monkeypatch.setattr(logging.getLogger("detoxrl"), "propagate", True)
+    tok = load_tokenizer(str(test_models["t5"]), "seq2seq")
+    policy = make_policy(test_models["t5"], "seq2seq")
+    perturb_lora(policy)
+    prompts = prompts_for(tok, ["good morning to you", "the film was long and dull", "hi there"])
+    gen = GenerationConfig(min_new_tokens=1, max_new_tokens=12)
+
+    def sample():
+        torch.manual_seed(3)
+        return generate_rollouts(policy, prompts, tok, gen, 12, CPU).response_ids
+
+    plain = sample()
+    own = policy.lm.get_base_model().generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size, own.num_beams = 1.5, 2, 1
+    own.suppress_tokens = sorted(set(plain[:, 0].tolist()))               # bans what was sampled first
+    with caplog.at_level(logging.WARNING, logger="detoxrl"):
+        odd = sample()
+        again = sample()
+    assert torch.equal(odd, plain) and torch.equal(again, plain)
+    warned = [r.getMessage() for r in caplog.records if "generation_config" in r.getMessage()]
+    assert len(warned) == 1 and all(f in warned[0] for f in ("repetition_penalty", "no_repeat_ngram_size",
+                                                             "suppress_tokens"))
+    assert own.repetition_penalty == 1.5                                   # the model's config is left as it was
+    # and the penalty really would have changed the responses had it been applied
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ids, mask = pad_prompts(prompts, tok.pad_token_id, False, CPU)
+        penalised = policy.lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=12,
+                                       pad_token_id=tok.pad_token_id)
+    assert not set(penalised[:, 1].tolist()) & set(own.suppress_tokens)   # plain generate() would obey them
+
+
+def test_sampling_mismatches_are_named():
+    from detoxrl.train.models import sampling_mismatches
+
+    assert sampling_mismatches(GenerationConfig(min_new_tokens=0)) == []
+    found = sampling_mismatches(GenerationConfig(top_k=50, top_p=0.9, min_new_tokens=3))
+    assert [m.split("=")[0] for m in found] == ["generation.top_k", "generation.top_p", "generation.min_new_tokens"]
+    greedy = sampling_mismatches(GenerationConfig(do_sample=False, temperature=0.7))
+    assert len(greedy) == 1 and "greedy" in greedy[0] and "0.7" in greedy[0]
+
+
+@pytest.mark.parametrize("family, kind", [("t5", "seq2seq"), ("gpt2", "causal")])
+def test_k_responses_per_prompt_encode_each_prompt_once(test_models, family, kind):
+    """Rows i*k .. i*k+k-1 answer prompt i; seq2seq runs the encoder once per prompt (generation and the passes
+    without gradients), with the same log-probs as re-encoding every row."""
+    tok = load_tokenizer(str(test_models[family]), kind)
+    policy = make_policy(test_models[family], kind)
+    perturb_lora(policy)
+    prompts = prompts_for(tok, ["good morning", "the film was long", "thanks"])
+    encoded_rows = []
+    if kind == "seq2seq":
+        policy.lm.get_encoder().register_forward_hook(lambda m, a, kw, out: encoded_rows.append(
+            (kw.get("input_ids") if kw.get("input_ids") is not None else a[0]).shape[0]), with_kwargs=True)
+    torch.manual_seed(0)
+    r = generate_rollouts(policy, prompts, tok, GenerationConfig(max_new_tokens=6), 6, CPU, k=4)
+    assert r.response_ids.shape[0] == 12
+    P = r.prompt_ids.shape[1]
+    for i, p in enumerate(prompts):
+        for row in range(4 * i, 4 * i + 4):
+            real = r.prompt_ids[row][r.prompt_mask[row].bool()].tolist()
+            assert real == p
+    assert len({tuple(x.tolist()) for x in r.response_ids[:4]}) > 1        # k different samples, not copies
+    with torch.no_grad():
+        grouped, _ = policy(r.prompt_ids, r.prompt_mask, r.response_ids, group=4)
+        each, _ = policy(r.prompt_ids, r.prompt_mask, r.response_ids)
+    torch.testing.assert_close(grouped, each, atol=1e-5, rtol=1e-5)
+    if kind == "seq2seq":
+        assert encoded_rows == [3, 3, 12], encoded_rows                    # generate, group=4, per row
+    assert P == max(len(p) for p in prompts)

@@ -1,4 +1,4 @@
-"""Tests for detoxrl.train.ppo_math against hand-computed values on tiny tensors."""
+"""Tests for detoxrl.train.ppo_math and detoxrl.train.advantages against hand-computed values on tiny tensors."""
 
 from __future__ import annotations
 
@@ -7,15 +7,28 @@ import math
 import pytest
 import torch
 
+from detoxrl.train.advantages import (
+    broadcast_to_tokens,
+    critic_free_advantages,
+    decoupled_gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reward_to_go,
+    rloo_advantages,
+    sequence_rewards,
+    value_clip_range,
+)
 from detoxrl.train.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    aggregate_loss,
     entropy_from_logits,
     explained_variance,
     gae_advantages,
     kl_estimate,
     logprobs_from_logits,
+    loss_denominator,
     masked_mean,
     masked_sum,
     masked_var,
@@ -398,3 +411,162 @@ def test_adaptive_kl_controller():
         AdaptiveKLController(0.5, 3.0, 10000).load_state_dict(c.state_dict())
     with pytest.raises(ValueError):
         c2.load_state_dict(FixedKLController(0.1).state_dict())
+
+
+# ---------------------------------------------------------------- loss aggregation (ppo.loss_aggregation)
+
+# rows of 3 and 1 real tokens; garbage in the padding
+AGG_X = torch.tensor([[1.0, 2.0, 3.0, BIG], [4.0, INF, float("nan"), BIG]])
+AGG_M = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("mode, value, denom", [
+    ("token_mean", 2.5, 4.0),               # (1+2+3+4) / 4 tokens
+    ("seq_mean_token_mean", 3.0, 2.0),      # (mean(1,2,3) = 2  +  mean(4) = 4) / 2 rows
+    ("token_sum_norm", 1.0, 10.0),          # (1+2+3+4) / (2 rows x constant 5)
+])
+def test_aggregate_loss_hand_values_and_split_into_micro_batches(mode, value, denom):
+    close(aggregate_loss(AGG_X, AGG_M, mode, 5), value)
+    close(loss_denominator(AGG_M, mode, 5), denom)
+    # the loop's rescaling: each micro-batch's aggregate x its denominator / the global one sums to the whole
+    parts = sum(aggregate_loss(AGG_X[i:i + 1], AGG_M[i:i + 1], mode, 5) * loss_denominator(AGG_M[i:i + 1], mode, 5)
+                / denom for i in range(2))
+    close(parts, value)
+
+
+def test_losses_take_the_aggregation():
+    logp = torch.zeros(2, 4)
+    adv = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    # ratio 1: the per-token loss is -A, so the aggregates are those of -A
+    close(policy_loss(logp, logp, adv, AGG_M, 0.2, "seq_mean_token_mean")[0], -3.0)
+    close(policy_loss(logp, logp, adv, AGG_M, 0.2, "token_sum_norm", 5)[0], -1.0)
+    # value loss 0.5 (v - R)^2 with v = 0, R = adv: per-token 0.5, 2, 4.5 | 8
+    close(value_loss(torch.zeros(2, 4), torch.zeros(2, 4), adv, AGG_M, None, "seq_mean_token_mean")[0],
+          ((0.5 + 2 + 4.5) / 3 + 8) / 2)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate_loss(AGG_X, AGG_M, "sum")
+    with pytest.raises(ValueError, match="constant"):
+        aggregate_loss(AGG_X, AGG_M, "token_sum_norm")
+
+
+def test_kl_as_a_loss_has_the_hand_gradients():
+    # logp = 0 (p = 1), ref = log 0.5: k3 = 0.5 - 1 - log 0.5 ; d k3 / d logp = 1 - exp(ref - logp) = 0.5
+    logp = torch.zeros(1, requires_grad=True)
+    ref = torch.tensor([math.log(0.5)])
+    k3 = kl_estimate(logp, ref, "k3")
+    close(k3, [0.5 - 1 - math.log(0.5)])
+    k3.sum().backward()
+    close(logp.grad, [0.5])
+    logp.grad = None
+    kl_estimate(logp, ref, "k2").sum().backward()   # d/dlogp 0.5 (logp - ref)^2 = logp - ref = log 2
+    close(logp.grad, [math.log(2)])
+
+
+def test_std_only_reward_scaling_keeps_the_zero():
+    m = RunningMoments()
+    m.mean, m.std = 2.0, 4.0
+    close(normalize_and_clip(torch.tensor([2.0, 6.0, -2.0]), m, None, shift_mean=False), [0.5, 1.5, -0.5])
+    close(normalize_and_clip(torch.tensor([2.0, 6.0, -2.0]), m, None), [0.0, 1.0, -1.0])
+    close(normalize_and_clip(torch.tensor([2.0, 60.0]), m, 3.0, shift_mean=False), [0.5, 3.0])
+
+
+# ---------------------------------------------------------------- advantage estimators (train/advantages.py)
+
+# 2 prompts x k=3 responses, rows in the rollout's order; per-token rewards (-beta*KL + score on the last token)
+GROUP_REWARDS = torch.tensor([
+    [0.0, 1.0, BIG],      # total 1
+    [0.5, 1.5, INF],      # total 2
+    [6.0, 0.0, 0.0],      # total 6 (one token)
+    [0.0, 0.0, 0.0],      # total 0
+    [0.0, 0.0, 0.0],      # total 0
+    [1.0, 2.0, 0.0],      # total 3
+])
+GROUP_MASK = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]).float()
+
+
+def test_sequence_rewards_sum_the_real_tokens():
+    close(sequence_rewards(GROUP_REWARDS, GROUP_MASK), [1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+
+
+def test_rloo_hand_values():
+    # group 1 = [1, 2, 6]: 1 - (2+6)/2 = -3 ; 2 - (1+6)/2 = -1.5 ; 6 - (1+2)/2 = 4.5
+    # group 2 = [0, 0, 3]: 0 - 3/2 = -1.5 ; -1.5 ; 3 - 0 = 3
+    seq = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    close(rloo_advantages(seq, 3), [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    close(rloo_advantages(torch.tensor([1.0, 3.0]), 2), [-2.0, 2.0])
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(seq, 1)
+    with pytest.raises(ValueError, match="groups of k=4"):
+        rloo_advantages(seq, 4)
+
+
+def test_grpo_hand_values_with_and_without_std():
+    seq = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    # group 1: mean 3, deviations -2, -1, 3, unbiased var (4+1+9)/2 = 7 ; group 2: mean 1, -1, -1, 2, var 3
+    s1, s2 = math.sqrt(7) + 1e-4, math.sqrt(3) + 1e-4
+    close(grpo_advantages(seq, 3), [-2 / s1, -1 / s1, 3 / s1, -1 / s2, -1 / s2, 2 / s2])
+    close(grpo_advantages(seq, 3, scale_by_std=False), [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0])   # Dr. GRPO
+    close(grpo_advantages(torch.full((4,), 5.0), 2), [0.0] * 4)                             # all equal: 0
+    with pytest.raises(ValueError, match="k >= 2"):
+        grpo_advantages(seq, 1)
+
+
+def test_broadcast_and_critic_free_dispatch():
+    adv = critic_free_advantages("rloo", GROUP_REWARDS, GROUP_MASK, 3, 1.0, True, whiten=False)
+    close(adv, [[-3.0, -3.0, 0.0], [-1.5, -1.5, 0.0], [4.5, 0.0, 0.0], [-1.5, -1.5, -1.5], [-1.5, 0.0, 0.0],
+                [3.0, 3.0, 0.0]])
+    close(broadcast_to_tokens(torch.tensor([2.0, -1.0]), torch.tensor([[1, 0], [1, 1]])), [[2.0, 0.0], [-1.0, -1.0]])
+    dr = critic_free_advantages("grpo", GROUP_REWARDS, GROUP_MASK, 3, 1.0, False, whiten=True)  # whiten: rloo only
+    close(dr[:, 0], [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0])
+    whitened = critic_free_advantages("rloo", GROUP_REWARDS, GROUP_MASK, 3, 1.0, True, whiten=True)
+    close(masked_mean(whitened, GROUP_MASK), 0.0)
+    close(masked_var(whitened, GROUP_MASK), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown critic-free estimator"):
+        critic_free_advantages("ppo", GROUP_REWARDS, GROUP_MASK, 3, 1.0, True, True)
+
+
+def test_reward_to_go_and_reinforce_pp_hand_values():
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [2.0, BIG, BIG]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).float()
+    # gamma 0.5: G = [1 + 0.5 (2 + 0.5 * 4), 2 + 0.5 * 4, 4] = [3, 4, 4] ; row 2: [2]
+    close(reward_to_go(rewards, mask, 0.5), [[3.0, 4.0, 4.0], [2.0, 0.0, 0.0]])
+    # whitened over the 4 real tokens: mean 3.25, unbiased var (0.0625 + 0.5625 + 0.5625 + 1.5625) / 3 = 11/12
+    s = math.sqrt(11 / 12)
+    want = [[-0.25 / s, 0.75 / s, 0.75 / s], [-1.25 / s, 0.0, 0.0]]
+    close(reinforce_pp_advantages(rewards, mask, 0.5), want, atol=1e-4)
+    # global statistics: rank 0 holds row 1, rank 1 row 2; each whitens with the sum of both ranks' stats
+    def other(rows):
+        g = reward_to_go(rewards[rows], mask[rows], 0.5)
+        return torch.stack([g.sum(), (g * g).sum(), mask[rows].sum()]).double()
+
+    r0 = reinforce_pp_advantages(rewards[:1], mask[:1], 0.5, reduce_fn=lambda t: t + other(slice(1, 2)))
+    r1 = reinforce_pp_advantages(rewards[1:], mask[1:], 0.5, reduce_fn=lambda t: t + other(slice(0, 1)))
+    close(torch.cat([r0, r1]), want, atol=1e-4)
+
+
+def test_decoupled_gae_gives_the_critic_monte_carlo_returns():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    mask = torch.ones(1, 3)
+    # lam 0: A_t = delta_t = r_t + V_{t+1} - V_t = [0, 0, 1 - 0.5] ; lam 1: returns = sum of future rewards = 1
+    adv, ret = decoupled_gae(rewards, values, mask, 1.0, 0.0, 1.0)
+    close(adv, [[0.0, 0.0, 0.5]])
+    close(ret, [[1.0, 1.0, 1.0]])
+    adv2, ret2 = decoupled_gae(rewards, values, mask, 1.0, 0.0, 0.0)  # coupled: returns = A + V
+    close(ret2, [[0.5, 0.5, 1.0]])
+
+
+def test_value_clip_range_modes():
+    returns = torch.tensor([[1.0, 2.0, BIG], [3.0, 6.0, INF]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]]).float()
+    assert value_clip_range("absolute", 0.2, returns, mask) == 0.2
+    assert value_clip_range("none", 0.2, returns, mask) is None
+    # 1, 2, 3, 6: mean 3, unbiased var (4 + 1 + 0 + 9) / 3 = 14/3
+    assert value_clip_range("relative", 0.2, returns, mask) == pytest.approx(0.2 * math.sqrt(14 / 3))
+    # over two ranks: the global std
+    def half(rows):
+        r = torch.where(mask[rows].bool(), returns[rows], 0.0)
+        return torch.stack([r.sum(), (r * r).sum(), mask[rows].sum()]).double()
+
+    got = value_clip_range("relative", 0.2, returns[:1], mask[:1], reduce_fn=lambda t: t + half(slice(1, 2)))
+    assert got == pytest.approx(0.2 * math.sqrt(14 / 3))

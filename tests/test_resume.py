@@ -1,6 +1,7 @@
 """Exact resume: 2N steps == N steps + resume for N more (bitwise weights, identical metrics, continuous TensorBoard
 curves) on 1 process, 2-process DDP and (when DeepSpeed support is present) ZeRO-2/3; resume on another number of
-processes; corrupt/incomplete checkpoints skipped; the config-change refusal; kill -9 at random moments."""
+processes; corrupt/incomplete checkpoints skipped; the config-change refusal; kill -9 at random moments; the adapter
+critic across its warm-up. (Every estimator and critic mode resumes bitwise on 2 processes in test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -364,3 +365,39 @@ def test_kill_minus_9_anywhere_loses_only_steps_since_the_last_checkpoint(test_m
         assert tensorboard_scalars(out) == tensorboard_scalars(reference)
     print("kills (seed, mode, last step logged, checkpoint resumed from):", kills)
     assert any(mode == "mid_checkpoint" for _, mode, _, _ in kills)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The critic adapter (issue 9): its own PEFT folder in every checkpoint, its own parameter group, a warm-up
+# ----------------------------------------------------------------------------------------------------------------
+def test_adapter_critic_resumes_bitwise_across_its_warm_up(test_models, tmp_path):
+    """critic.mode=adapter with its own learning rate and a 2-step warm-up: 2 steps + resume 1 == 3 steps bitwise
+    (policy adapter, critic adapter, value head, metrics); the critic adapter is a PEFT folder that loads."""
+    extra = ("critic.mode=adapter", "critic.lr=0.02", "critic.warmup_steps=2", "critic.lam=1.0",
+             "checkpoint.every_steps=1", "checkpoint.keep_last=3", "ppo.ppo_epochs=1", "logging.sample_every=0")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_inproc(test_models, straight, 3, *extra)
+    run_inproc(test_models, resumed, 2, *extra)
+    run_inproc(test_models, resumed, 3, *extra)
+
+    def everything(out: Path, where: str) -> dict[str, torch.Tensor]:
+        return {**weights(out, where), **{f"critic.{k}": v for k, v in
+                                          load_file(str(out / where / "critic" / "adapter_model.safetensors")).items()}}
+
+    assert_same_weights(everything(straight, "final"), everything(resumed, "final"))
+    assert_same_metrics(metrics(straight), metrics(resumed))
+    # the warm-up held the policy still (LoRA B starts at 0) while the critic adapter trained; then the policy moved
+    step = {s: everything(straight, f"checkpoints/step-00000{s}") for s in (1, 2, 3)}
+    for s in (1, 2):
+        assert all(v.abs().max() == 0 for k, v in step[s].items() if "lora_B" in k and not k.startswith("critic."))
+        assert any(v.abs().max() > 0 for k, v in step[s].items() if "lora_B" in k and k.startswith("critic."))
+    assert any(v.abs().max() > 0 for k, v in step[3].items() if "lora_B" in k and not k.startswith("critic."))
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+    critic = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(test_models["t5"]),
+                                       str(straight / "final" / "critic"))
+    policy_r = json.loads((straight / "final" / "adapter_config.json").read_text())["r"]
+    assert critic.peft_config["default"].r == policy_r                    # critic.lora null: policy.lora's settings
+    got = {k: v for k, v in critic.state_dict().items() if "lora_B" in k}
+    want = {k: v for k, v in step[3].items() if k.startswith("critic.") and "lora_B" in k}
+    assert len(got) == len(want) > 0 and any(v.abs().max() > 0 for v in got.values())

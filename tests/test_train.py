@@ -152,3 +152,77 @@ def test_causal_path_learns(causal_demo, tmp_path):
     result = train(cfg)
     first, last = _window_means(result.metrics, "env/reward_mean", 5)
     assert last > first + 1.0, (first, last)
+
+
+def _fixed_update_batch(policy, kind: str, seed: int = 0):
+    from detoxrl.train.loop import UpdateBatch
+    from detoxrl.train.models import pad_prompts
+
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 9, 1], [10, 11, 12, 13, 1]], 0, kind == "causal", torch.device("cpu"))
+    resp = torch.randint(3, 100, (3, 5), generator=g)
+    m = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
+    with torch.no_grad():
+        logits, values = policy(ids, mask, resp)
+    from detoxrl.train.ppo_math import logprobs_from_logits
+    old = logprobs_from_logits(logits, resp, 0.7)
+    return UpdateBatch(ids, mask, resp, m, old, values, torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g),
+                       old - 0.1)
+
+
+def test_entropy_is_tempered_and_without_gradients_when_only_logged(test_models):
+    from detoxrl.train.config import PPOConfig
+    from detoxrl.train.loop import LossTerms, micro_batch_loss
+    from detoxrl.train.ppo_math import entropy_from_logits, masked_mean
+    from test_models import critic_policy, perturb_lora
+
+    policy = critic_policy(test_models, "shared")
+    perturb_lora(policy)
+    with torch.no_grad():  # logits far from uniform (the random model's are almost flat): the temperature shows
+        policy.lm.get_output_embeddings().weight.mul_(30.0)
+    batch = _fixed_update_batch(policy, "seq2seq")
+    ids = torch.arange(3)
+    with torch.no_grad():
+        logits, _ = policy(batch.prompt_ids, batch.prompt_mask, batch.response_ids)
+    want = masked_mean(entropy_from_logits(logits / 0.7), batch.mask)
+    assert (want - masked_mean(entropy_from_logits(logits), batch.mask)).abs() > 1e-3   # the temperature matters
+    loss0, st0 = micro_batch_loss(policy, batch, ids, PPOConfig(entropy_coef=0.0), 0.7, LossTerms())
+    assert not st0["entropy"].requires_grad and loss0.requires_grad
+    torch.testing.assert_close(st0["entropy"], want)
+    loss1, st1 = micro_batch_loss(policy, batch, ids, PPOConfig(entropy_coef=0.5), 0.7, LossTerms())
+    assert st1["entropy"].requires_grad
+    torch.testing.assert_close(loss1, loss0 - 0.5 * st1["entropy"])
+    # critic warm-up: the policy's terms weigh 0 (gradients 0 on the policy's LoRA), the value loss trains the head
+    loss_w, _ = micro_batch_loss(policy, batch, ids, PPOConfig(entropy_coef=0.5), 0.7, LossTerms(policy=False))
+    policy.zero_grad()
+    loss_w.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for n, p in policy.named_parameters()
+               if p.requires_grad and not n.startswith("v_head"))
+    assert policy.v_head.weight.grad.abs().max() > 0
+    # the KL loss term: kl_coef x aggregated k3 of (current policy, reference)
+    loss_k, st_k = micro_batch_loss(policy, batch, ids, PPOConfig(), 0.7, LossTerms(kl_coef=0.3, kl_estimator="k3"))
+    loss_n, _ = micro_batch_loss(policy, batch, ids, PPOConfig(), 0.7, LossTerms())
+    torch.testing.assert_close(loss_k, loss_n + 0.3 * st_k["kl_loss"])
+    assert st_k["kl_loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_learn_on_the_demo(demo_assets, tmp_path, estimator):
+    """The demo toy with 4 responses per prompt (4 prompts x 4 per step) and no critic: the reward clearly goes up
+    in 25 steps (one seed; benchmarks/ holds the multi-seed comparison). The demo's min_new_tokens is named as a
+    sampling/scoring mismatch once."""
+    from test_resume import LogRecords
+
+    cfg = load_config(RECIPES / "demo.yaml", [
+        f"run.output_dir={tmp_path}", f"policy.model={demo_assets['policy']}",
+        f"reward.terms.0.model={demo_assets['reward']}", f"data.dataset={demo_assets['data']}",
+        "run.total_steps=25", f"ppo.estimator={estimator}", "ppo.k=4", "logging.progress_bar=false",
+        "logging.tensorboard=false", "evaluation.before_after=false"])
+    with LogRecords() as logs:
+        result = train(cfg)
+    first, last = _window_means(result.metrics, "env/reward_mean", 5)
+    assert last > first + 0.75, (first, last)
+    assert all(m["ppo/loss/value"] != m["ppo/loss/value"] for m in result.metrics)   # no value loss (nan)
+    mismatch = [m for m in logs.messages if "sampling and scoring distributions differ" in m]
+    assert len(mismatch) == 1 and "generation.min_new_tokens=3" in mismatch[0], logs.messages
