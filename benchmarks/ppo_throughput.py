@@ -149,7 +149,7 @@ def ours_overrides(b: Bench, paths: dict[str, Path], out_dir: Path, steps: int, 
          f"ppo.mini_batch_size={max(1, b.mini_batch // b.processes)}", f"ppo.ppo_epochs={b.ppo_epochs}",
          "ppo.gradient_accumulation_steps=1", "logging.tensorboard=false", "logging.progress_bar=false",
          "logging.sample_every=0", "checkpoint.every_steps=0", "checkpoint.resume=never",
-         "evaluation.before_after=false"]
+         "evaluation.before_after=false", "judges=[]"]  # judges grade runs; the benchmark times training only
     if threads and not cuda:
         o.append(f"run.cpu_threads={max(1, threads // b.processes)}")
     if b.quantization:
