@@ -147,6 +147,77 @@ def test_tokenizer_training_is_deterministic(family, corpus):
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
 
 
+# Trains with the `tokenizers` library's own trainers, set up like train/local_tokenizers.py (same normalisers,
+# pre-tokenisers, special tokens, alphabets, min_frequency): WordPiece on the judge's sentences, T5-style BPE on the
+# demo policy's corpus. Prints the WordPiece vocabulary's sha256 and the BPE vocabulary and merges.
+_LIBRARY_TRAINERS = r"""
+import hashlib, json, string
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from detoxrl.train.shipped_data import PROMPT_TEMPLATE, dialogue_rows, judge_rows, toxicity_rows
+
+ascii_ = string.ascii_letters + string.digits + string.punctuation
+wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+wp.train_from_iterator([r["text"] for r in judge_rows()], trainers.WordPieceTrainer(
+    vocab_size=600, min_frequency=2, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    initial_alphabet=list(ascii_.lower()), show_progress=False))
+wp_vocab = json.loads(wp.to_str())["model"]["vocab"]
+
+rows, tox = dialogue_rows(), toxicity_rows()
+corpus = ([PROMPT_TEMPLATE.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
+          + [r["text"] for r in tox])
+bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+bpe.normalizer = normalizers.Sequence(
+    [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+    vocab_size=800, min_frequency=2, special_tokens=["<pad>", "</s>", "<unk>"],
+    initial_alphabet=list(ascii_) + ["\u2581"], show_progress=False))
+model = json.loads(bpe.to_str())["model"]
+print(json.dumps({"wordpiece": hashlib.sha256(json.dumps(sorted(wp_vocab.items())).encode()).hexdigest(),
+                  "bpe_vocab": model["vocab"], "bpe_merges": [list(m) for m in model["merges"]]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def library_trainers() -> list[dict]:
+    """The library trainers' outputs in four processes (PYTHONHASHSEED 1..4; they import tokenizers, not torch)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for seed in range(1, 5):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        res = subprocess.run([sys.executable, "-c", _LIBRARY_TRAINERS], env=env, capture_output=True, text=True,
+                             check=True, timeout=120)
+        outs.append(json.loads(res.stdout))
+    return outs
+
+
+def test_library_wordpiece_trainer_is_not_deterministic(library_trainers):
+    """Why local_tokenizers.py trains WordPiece by hand: the library's trainer gives another vocabulary in another
+    process, for the same texts and settings."""
+    hashes = {o["wordpiece"] for o in library_trainers}
+    assert len(hashes) > 1, ("tokenizers' WordPieceTrainer gave the same vocabulary in 4 processes: it may have "
+                             "become deterministic; see train/local_tokenizers.py's docstring before switching to it")
+
+
+def test_library_bpe_trainer_differs_from_ours(library_trainers):
+    """Why local_tokenizers.py keeps its BPE trainer too: the library's is deterministic across processes but learns
+    other merges than ours, so switching would change the demo's models and every shipped figure."""
+    first = library_trainers[0]
+    assert all(o["bpe_vocab"] == first["bpe_vocab"] and o["bpe_merges"] == first["bpe_merges"]
+               for o in library_trainers)
+    rows, tox = shipped.dialogue_rows(), shipped.toxicity_rows()
+    corpus = ([shipped.PROMPT_TEMPLATE.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
+              + [r["text"] for r in tox])
+    ours = json.loads(toks.train_tokenizer(corpus, "t5", 800).backend_tokenizer.to_str())["model"]
+    assert len(ours["vocab"]) == len(first["bpe_vocab"]) == 800
+    assert ours["vocab"] != first["bpe_vocab"] and [list(m) for m in ours["merges"]] != first["bpe_merges"]
+
+
 def test_train_tokenizer_rejects_unknown_family(corpus):
     with pytest.raises(ValueError):
         toks.train_tokenizer(corpus, "llama")
