@@ -4,23 +4,24 @@ The merges are learnt by a small BPE trainer written here (:func:`_train_bpe`, W
 continuation prefix) and then wrapped in ``tokenizers``/``transformers`` objects with each family's special tokens,
 normaliser, pre-tokeniser, decoder and post-processor.
 
-Why not the ``tokenizers`` library's own trainers (observed with tokenizers 0.23.3 on 2026-12-01, the demo corpus and
-the same normalisers, pre-tokenisers, special tokens, alphabets and ``min_frequency=2``; three processes with
-PYTHONHASHSEED 1, 2, 3):
+Why not the ``tokenizers`` library's own trainers (observed with tokenizers 0.23.3 on 2026-12-01, set up with the
+same normalisers, pre-tokenisers, special tokens, alphabets and ``min_frequency=2`` as here):
 
-* ``WordPieceTrainer`` is not deterministic across processes: the three processes gave three different
-  vocabularies (the judge corpus at 600 tokens: sha256 prefixes 2dec4e29, 94c350e1, a5bc2a1b; even the token sets
-  differ, 425 to 428 tokens in common with ours).  A judge tokenizer that changes from one run to the next would
-  make its figures irreproducible.  ``tests/test_tiny_models.py::test_library_wordpiece_trainer_is_not_deterministic``
-  shows it.
-* ``BpeTrainer`` is deterministic across processes (same vocabulary and merges in all three), but its output is not
-  the one here: on the demo corpus at 800 tokens the T5 vocabulary shares 732 of 800 tokens with ours, only 302 at
-  the same id, and the merges differ (ties are broken differently).  Switching would change the demo policy and
-  reward model and so every shipped figure (benchmarks/RESULTS.md, docs), and would leave WordPiece on the hand-written
-  trainer anyway.  ``test_library_bpe_trainer_differs_from_ours`` shows it.
+* ``WordPieceTrainer`` is not deterministic.  On the judge's sentences at 600 tokens, three processes
+  (PYTHONHASHSEED 1, 2, 3) gave three different vocabularies (fingerprints 2dec4e29, 94c350e1, a5bc2a1b; even the
+  token sets differ: 425 to 428 tokens in common with ours), three processes with the same PYTHONHASHSEED=0 gave
+  three more, and so did three trainings in one process (the randomness is the library's own, not Python's hash
+  seed).  The demo judge's tokenizer, and so its figures, would change from one build to the next.
+  ``tests/test_tiny_models.py::test_library_wordpiece_trainer_is_not_deterministic`` shows it.
+* ``BpeTrainer`` is deterministic across processes (the same vocabulary and merges in all of the runs above), but
+  it does not learn what this trainer learns: on the demo policy's corpus at 800 tokens the T5 vocabulary shares
+  732 of 800 tokens with ours, 302 at the same id, and the merges differ; the RoBERTa one shares 748, 446 at the
+  same id.  Switching would change the demo's policy and reward
+  model, and so every shipped figure (README, benchmarks/RESULTS.md), and WordPiece would still need this trainer.
+  ``test_library_bpe_trainer_differs_from_ours`` shows it.
 
 So one hand-written trainer serves all four families; its ties are broken by the pair's strings, so the result never
-depends on hashing order.
+depends on hashing order (two demo builds in two processes gave byte-identical tokenizer files).
 """
 from __future__ import annotations
 
