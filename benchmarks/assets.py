@@ -23,8 +23,11 @@ from typing import Optional
 import torch
 
 from detoxrl.train.atomic import atomic_directory
-from detoxrl.train.tiny_models import (DEMO_DATA_DIR, _make_imdb_rows, build_classifier, load_jsonl, sft_causal,
-                                       train_classifier, train_tokenizer)
+from detoxrl.train.local_tokenizers import train_tokenizer
+from detoxrl.train.shipped_data import DEMO_DATA_DIR, load_jsonl
+from detoxrl.train.stand_in_models import make_imdb_rows
+from detoxrl.train.tiny_builders import build_classifier
+from detoxrl.train.tiny_finetune import sft_causal, train_classifier
 
 CORPUS_VOCAB = 2000  # BPE merges on the demo texts (it stops earlier: the corpus is small)
 
@@ -220,7 +223,7 @@ def build_causal_toy(root: Optional[Path] = None) -> dict[str, Path]:
     paths = {"policy": root / "policy", "reward": root / "reward", "data": root / "data"}
     if (root / "done").is_file():
         return paths
-    rows = _make_imdb_rows(400, seed=0)
+    rows = make_imdb_rows(400, seed=0)
     texts = [r["text"] for r in rows]
     tok = train_tokenizer(texts, "gpt2", 600)
     tok.add_special_tokens({"pad_token": "<pad>"})

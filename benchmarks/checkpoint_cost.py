@@ -23,7 +23,7 @@ if which == "base":   # flan-t5-base's architecture, random weights
                                         tie_word_embeddings=False)).save_pretrained(model_dir)
     lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_modules=["q", "v"])
 else:
-    from detoxrl.train.tiny_models import build_test_models
+    from detoxrl.train.stand_in_models import build_test_models
     model_dir = Path(os.environ.get("TINY_T5") or build_test_models(work / "tiny")["t5"])
     lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q", "v"])
 acc = Accelerator(cpu=True)

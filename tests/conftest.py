@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def test_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random models of the recipes' families (T5, GPT-2, RoBERTa, DistilBERT) and local datasets."""
-    from detoxrl.train.tiny_models import build_test_models
+    from detoxrl.train.stand_in_models import build_test_models
 
     return build_test_models(tmp_path_factory.mktemp("test_models"))
 
@@ -41,7 +41,7 @@ def demo_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_assets(demo_cache) -> dict[str, Path]:
-    from detoxrl.train.tiny_models import build_demo_assets
+    from detoxrl.train.demo_assets import build_demo_assets
 
     return build_demo_assets()
 
@@ -52,7 +52,10 @@ CAUSAL_TEMPLATE = "{dialogue}\nSummary:"
 @pytest.fixture(scope="session")
 def causal_demo(demo_assets, tmp_path_factory) -> dict[str, Path]:
     """The demo's data and toxicity classifier with a tiny GPT-2 fine-tuned to continue dialogues with summaries."""
-    from detoxrl.train.tiny_models import (DEMO_DATA_DIR, build_gpt2, load_jsonl, sft_causal, train_tokenizer)
+    from detoxrl.train.local_tokenizers import train_tokenizer
+    from detoxrl.train.shipped_data import DEMO_DATA_DIR, load_jsonl
+    from detoxrl.train.tiny_builders import build_gpt2
+    from detoxrl.train.tiny_finetune import sft_causal
 
     rows = [r for r in load_jsonl(DEMO_DATA_DIR / "dialogues.jsonl") if r["split"] == "train"]
     texts = [CAUSAL_TEMPLATE.format(dialogue=r["dialogue"]) + " " + r["summary"] for r in rows]

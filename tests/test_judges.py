@@ -16,7 +16,8 @@ from detoxrl.eval.report import render_html
 from detoxrl.train.config import JudgeConfig, RewardTermConfig
 from detoxrl.train.judges import Judge
 from detoxrl.train.reward import RewardTerm
-from detoxrl.train.tiny_models import DEMO_DATA_DIR, build_demo_judge, is_toxic_text, load_jsonl
+from detoxrl.train.demo_assets import build_demo_judge
+from detoxrl.train.shipped_data import DEMO_DATA_DIR, is_toxic_text, load_jsonl
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,5 @@
-"""Tests of detoxrl.train.tiny_models: offline tiny models, tokenizers and shipped data."""
+"""Tests of the offline tiny models: tokenizers (local_tokenizers), builders, fine-tuning, the demo cache
+(demo_assets), the stand-ins (stand_in_models) and the shipped data."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from detoxrl.train import tiny_models as tm
+from detoxrl.train import demo_assets as demo
+from detoxrl.train import local_tokenizers as toks
+from detoxrl.train import shipped_data as shipped
+from detoxrl.train import stand_in_models as stand_ins
+from detoxrl.train import tiny_builders as builders
+from detoxrl.train import tiny_finetune as finetune
 
 FAMILIES = ("t5", "roberta", "gpt2", "bert")
 SAMPLES = [
@@ -29,8 +35,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
-    rows = tm.load_jsonl(tm.DEMO_DATA_DIR / "dialogues.jsonl")
-    tox = tm.load_jsonl(tm.DEMO_DATA_DIR / "toxicity.jsonl")
+    rows = shipped.load_jsonl(shipped.DEMO_DATA_DIR / "dialogues.jsonl")
+    tox = shipped.load_jsonl(shipped.DEMO_DATA_DIR / "toxicity.jsonl")
     return ([r["dialogue"] for r in rows] + [r["summary"] for r in rows] + [r["text"] for r in tox])
 
 
@@ -38,7 +44,7 @@ def corpus() -> list[str]:
 def tiny_hub(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-hub")
     t0 = time.perf_counter()
-    out = tm.build_test_models(root)
+    out = stand_ins.build_test_models(root)
     elapsed = time.perf_counter() - t0
     assert elapsed < 30, f"build_test_models took {elapsed:.1f}s"
     return out
@@ -46,7 +52,7 @@ def tiny_hub(tmp_path_factory) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- shipped data
 def test_shipped_toxicity_data():
-    rows = tm.load_jsonl(tm.DEMO_DATA_DIR / "toxicity.jsonl")
+    rows = shipped.load_jsonl(shipped.DEMO_DATA_DIR / "toxicity.jsonl")
     assert 300 <= len(rows) <= 500
     assert all(set(r) == {"text", "label"} for r in rows)
     counts = Counter(r["label"] for r in rows)
@@ -55,11 +61,11 @@ def test_shipped_toxicity_data():
     texts = [r["text"] for r in rows]
     assert len(set(texts)) == len(texts), "duplicated texts"
     # the keyword rule and the labels agree (the clean texts never use the toxic words)
-    assert all(tm.is_toxic_text(r["text"]) == (r["label"] == "hate") for r in rows)
+    assert all(shipped.is_toxic_text(r["text"]) == (r["label"] == "hate") for r in rows)
 
 
 def test_shipped_dialogues():
-    rows = tm.load_jsonl(tm.DEMO_DATA_DIR / "dialogues.jsonl")
+    rows = shipped.load_jsonl(shipped.DEMO_DATA_DIR / "dialogues.jsonl")
     assert 200 <= len(rows) <= 300
     assert all(set(r) == {"id", "dialogue", "summary", "topic", "split"} for r in rows)
     splits = Counter(r["split"] for r in rows)
@@ -72,11 +78,11 @@ def test_shipped_dialogues():
         assert 2 <= r["dialogue"].count("\n") + 1 <= 4
         assert len(r["dialogue"].split()) <= 45
         assert r["summary"].endswith(".") and "\n" not in r["summary"]
-    toxic_share = sum(tm.is_toxic_text(r["summary"]) for r in rows) / len(rows)
+    toxic_share = sum(shipped.is_toxic_text(r["summary"]) for r in rows) / len(rows)
     assert 0.25 <= toxic_share <= 0.45
     for split in ("train", "test"):
         part = [r for r in rows if r["split"] == split]
-        share = sum(tm.is_toxic_text(r["summary"]) for r in part) / len(part)
+        share = sum(shipped.is_toxic_text(r["summary"]) for r in part) / len(part)
         assert 0.2 <= share <= 0.5, (split, share)
     assert len({r["topic"] for r in rows}) >= 8
 
@@ -86,7 +92,7 @@ def test_shipped_dialogues():
 def test_tokenizer_roundtrip_and_conventions(family, corpus, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = tm.train_tokenizer(corpus, family, vocab_size=600, save_dir=tmp_path / family)
+    tok = toks.train_tokenizer(corpus, family, vocab_size=600, save_dir=tmp_path / family)
     assert 300 <= len(tok) <= 600
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / family))
     assert len(reloaded) == len(tok)
@@ -136,14 +142,85 @@ def test_tokenizer_roundtrip_and_conventions(family, corpus, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_training_is_deterministic(family, corpus):
-    a = tm.train_tokenizer(corpus, family, vocab_size=500)
-    b = tm.train_tokenizer(list(corpus), family, vocab_size=500)
+    a = toks.train_tokenizer(corpus, family, vocab_size=500)
+    b = toks.train_tokenizer(list(corpus), family, vocab_size=500)
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+
+
+# Trains with the `tokenizers` library's own trainers, set up like train/local_tokenizers.py (same normalisers,
+# pre-tokenisers, special tokens, alphabets, min_frequency): WordPiece on the judge's sentences, T5-style BPE on the
+# demo policy's corpus. Prints the WordPiece vocabulary's sha256 and the BPE vocabulary and merges.
+_LIBRARY_TRAINERS = r"""
+import hashlib, json, string
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from detoxrl.train.shipped_data import PROMPT_TEMPLATE, dialogue_rows, judge_rows, toxicity_rows
+
+ascii_ = string.ascii_letters + string.digits + string.punctuation
+wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+wp.train_from_iterator([r["text"] for r in judge_rows()], trainers.WordPieceTrainer(
+    vocab_size=600, min_frequency=2, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    initial_alphabet=list(ascii_.lower()), show_progress=False))
+wp_vocab = json.loads(wp.to_str())["model"]["vocab"]
+
+rows, tox = dialogue_rows(), toxicity_rows()
+corpus = ([PROMPT_TEMPLATE.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
+          + [r["text"] for r in tox])
+bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+bpe.normalizer = normalizers.Sequence(
+    [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+    vocab_size=800, min_frequency=2, special_tokens=["<pad>", "</s>", "<unk>"],
+    initial_alphabet=list(ascii_) + ["\u2581"], show_progress=False))
+model = json.loads(bpe.to_str())["model"]
+print(json.dumps({"wordpiece": hashlib.sha256(json.dumps(sorted(wp_vocab.items())).encode()).hexdigest(),
+                  "bpe_vocab": model["vocab"], "bpe_merges": [list(m) for m in model["merges"]]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def library_trainers() -> list[dict]:
+    """The library trainers' outputs in four processes (PYTHONHASHSEED 1..4; they import tokenizers, not torch)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for seed in range(1, 5):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        res = subprocess.run([sys.executable, "-c", _LIBRARY_TRAINERS], env=env, capture_output=True, text=True,
+                             check=True, timeout=120)
+        outs.append(json.loads(res.stdout))
+    return outs
+
+
+def test_library_wordpiece_trainer_is_not_deterministic(library_trainers):
+    """Why local_tokenizers.py trains WordPiece by hand: the library's trainer gives another vocabulary in another
+    process, for the same texts and settings."""
+    hashes = {o["wordpiece"] for o in library_trainers}
+    assert len(hashes) > 1, ("tokenizers' WordPieceTrainer gave the same vocabulary in 4 processes: it may have "
+                             "become deterministic; see train/local_tokenizers.py's docstring before switching to it")
+
+
+def test_library_bpe_trainer_differs_from_ours(library_trainers):
+    """Why local_tokenizers.py keeps its BPE trainer too: the library's is deterministic across processes but learns
+    other merges than ours, so switching would change the demo's models and every shipped figure."""
+    first = library_trainers[0]
+    assert all(o["bpe_vocab"] == first["bpe_vocab"] and o["bpe_merges"] == first["bpe_merges"]
+               for o in library_trainers)
+    rows, tox = shipped.dialogue_rows(), shipped.toxicity_rows()
+    corpus = ([shipped.PROMPT_TEMPLATE.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
+              + [r["text"] for r in tox])
+    ours = json.loads(toks.train_tokenizer(corpus, "t5", 800).backend_tokenizer.to_str())["model"]
+    assert len(ours["vocab"]) == len(first["bpe_vocab"]) == 800
+    assert ours["vocab"] != first["bpe_vocab"] and [list(m) for m in ours["merges"]] != first["bpe_merges"]
 
 
 def test_train_tokenizer_rejects_unknown_family(corpus):
     with pytest.raises(ValueError):
-        tm.train_tokenizer(corpus, "llama")
+        toks.train_tokenizer(corpus, "llama")
 
 
 # --------------------------------------------------------------------------- models
@@ -151,10 +228,10 @@ def test_build_t5_is_deterministic(corpus, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    tok = tm.train_tokenizer(corpus, "t5", vocab_size=400)
-    p1 = tm.build_t5(tmp_path / "a", tok, seed=3)
-    p2 = tm.build_t5(tmp_path / "b", tok, seed=3)
-    p3 = tm.build_t5(tmp_path / "c", tok, seed=4)
+    tok = toks.train_tokenizer(corpus, "t5", vocab_size=400)
+    p1 = builders.build_t5(tmp_path / "a", tok, seed=3)
+    p2 = builders.build_t5(tmp_path / "b", tok, seed=3)
+    p3 = builders.build_t5(tmp_path / "c", tok, seed=4)
     sd1, sd2, sd3 = (load_file(str(p / "model.safetensors")) for p in (p1, p2, p3))
     assert sd1.keys() == sd2.keys()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
@@ -167,13 +244,13 @@ def test_build_t5_is_deterministic(corpus, tmp_path):
 
 
 def test_builders_leave_caller_rng_alone(corpus, tmp_path):
-    tok = tm.train_tokenizer(corpus, "t5", vocab_size=400)
+    tok = toks.train_tokenizer(corpus, "t5", vocab_size=400)
     torch.manual_seed(123)
     random.seed(123)
     expected_t, expected_r = torch.rand(3), random.random()
     torch.manual_seed(123)
     random.seed(123)
-    tm.build_t5(tmp_path / "t5", tok, seed=0)
+    builders.build_t5(tmp_path / "t5", tok, seed=0)
     assert torch.equal(torch.rand(3), expected_t) and random.random() == expected_r
 
 
@@ -278,24 +355,24 @@ def test_sft_adapter_changes_logits(tiny_hub):
 def test_training_helpers_run_and_save(corpus, tmp_path):
     from safetensors.torch import load_file
 
-    tok = tm.train_tokenizer(corpus, "roberta", vocab_size=400, model_max_length=62)
-    clf = tm.build_classifier(tmp_path / "clf", tok, "roberta", {0: "nothate", 1: "hate"}, hidden=16,
+    tok = toks.train_tokenizer(corpus, "roberta", vocab_size=400, model_max_length=62)
+    clf = builders.build_classifier(tmp_path / "clf", tok, "roberta", {0: "nothate", 1: "hate"}, hidden=16,
                               max_position=64)
     before = load_file(str(clf / "model.safetensors"))
     texts = ["you are a stupid idiot", "thanks for the lunch", "shut up, loser", "see you on Monday"] * 4
-    res = tm.train_classifier(clf, texts, [1, 0, 1, 0] * 4, epochs=2, lr=1e-3)
+    res = finetune.train_classifier(clf, texts, [1, 0, 1, 0] * 4, epochs=2, lr=1e-3)
     assert 0.0 <= res["train_accuracy"] <= 1.0
     after = load_file(str(clf / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
-    tok5 = tm.train_tokenizer(corpus, "t5", vocab_size=400)
-    t5 = tm.build_t5(tmp_path / "t5", tok5, d_model=32, d_ff=64)
-    res = tm.sft_seq2seq(t5, ["summarize: a b c", "summarize: d e"], ["a b", "d"], steps=3, batch_size=2)
+    tok5 = toks.train_tokenizer(corpus, "t5", vocab_size=400)
+    t5 = builders.build_t5(tmp_path / "t5", tok5, d_model=32, d_ff=64)
+    res = finetune.sft_seq2seq(t5, ["summarize: a b c", "summarize: d e"], ["a b", "d"], steps=3, batch_size=2)
     assert res["final_loss"] == res["final_loss"] and res["final_loss"] > 0  # finite, not NaN
 
-    tokg = tm.train_tokenizer(corpus, "gpt2", vocab_size=400)
-    g = tm.build_gpt2(tmp_path / "gpt2", tokg, n_embd=32, n_positions=64)
-    res = tm.sft_causal(g, ["I loved this movie.", "What a boring film."], steps=3, batch_size=2)
+    tokg = toks.train_tokenizer(corpus, "gpt2", vocab_size=400)
+    g = builders.build_gpt2(tmp_path / "gpt2", tokg, n_embd=32, n_positions=64)
+    res = finetune.sft_causal(g, ["I loved this movie.", "What a boring film."], steps=3, batch_size=2)
     assert res["final_loss"] == res["final_loss"] and res["final_loss"] > 0
 
 
@@ -312,22 +389,22 @@ def _fake_builder(calls: list):
 
 def test_demo_cache_logic(tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(tm, "_build_demo_into", _fake_builder(calls))
+    monkeypatch.setattr(demo, "_build_demo_into", _fake_builder(calls))
     cache = tmp_path / "detoxrl-cache"  # the autouse fixture's DETOXRL_CACHE
-    paths = tm.build_demo_assets()
+    paths = demo.build_demo_assets()
     assert set(paths) == {"policy", "reward", "data"}
     root = paths["policy"].parent
     assert root.parent == cache and root.name.startswith("demo-")
     assert len(calls) == 1 and calls[0] != root  # built elsewhere, then renamed
-    assert tm.build_demo_assets() == paths and len(calls) == 1  # cache hit
-    assert tm.build_demo_assets(force=True) == paths and len(calls) == 2
+    assert demo.build_demo_assets() == paths and len(calls) == 1  # cache hit
+    assert demo.build_demo_assets(force=True) == paths and len(calls) == 2
     assert json.loads((root / "manifest.json").read_text())["metrics"] == {"fake": True}
     # an explicit cache_dir wins over the environment variable
-    other = tm.build_demo_assets(cache_dir=tmp_path / "elsewhere")
+    other = demo.build_demo_assets(cache_dir=tmp_path / "elsewhere")
     assert other["policy"].parent.parent == tmp_path / "elsewhere" and len(calls) == 3
     # other hyperparameters -> another cache entry
-    monkeypatch.setitem(tm.DEMO_HPARAMS, "seed", 1)
-    assert tm.build_demo_assets()["policy"].parent != root and len(calls) == 4
+    monkeypatch.setitem(demo.DEMO_HPARAMS, "seed", 1)
+    assert demo.build_demo_assets()["policy"].parent != root and len(calls) == 4
     assert not [p for p in cache.iterdir() if p.name.endswith((".tmp", ".old"))]  # no leftovers of the swaps
 
 
@@ -336,14 +413,14 @@ def test_demo_cache_survives_a_crash(tmp_path, monkeypatch):
         (out / "policy").mkdir(parents=True)
         raise RuntimeError("crash in the middle of a build")
 
-    monkeypatch.setattr(tm, "_build_demo_into", boom)
+    monkeypatch.setattr(demo, "_build_demo_into", boom)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError):
-        tm.build_demo_assets(cache_dir=cache)
+        demo.build_demo_assets(cache_dir=cache)
     assert not [p for p in cache.iterdir() if p.is_dir()]  # nothing half-built is left to trust
     calls: list = []
-    monkeypatch.setattr(tm, "_build_demo_into", _fake_builder(calls))
-    tm.build_demo_assets(cache_dir=cache)
+    monkeypatch.setattr(demo, "_build_demo_into", _fake_builder(calls))
+    demo.build_demo_assets(cache_dir=cache)
     assert len(calls) == 1
 
 
@@ -354,14 +431,14 @@ def test_build_demo_assets(tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
     t0 = time.perf_counter()
-    paths = tm.build_demo_assets()
+    paths = demo.build_demo_assets()
     first = time.perf_counter() - t0
     assert paths["policy"].parent.parent == tmp_path / "detoxrl-cache"
     manifest = json.loads((paths["policy"].parent / "manifest.json").read_text())
     assert manifest["metrics"]["reward_train_accuracy"] >= 0.9
 
     t0 = time.perf_counter()
-    again = tm.build_demo_assets()
+    again = demo.build_demo_assets()
     assert again == paths and time.perf_counter() - t0 < min(2.0, first / 5)
 
     rtok = AutoTokenizer.from_pretrained(str(paths["reward"]))
@@ -380,7 +457,7 @@ def test_build_demo_assets(tmp_path):
 
     ptok = AutoTokenizer.from_pretrained(str(paths["policy"]))
     policy = AutoModelForSeq2SeqLM.from_pretrained(str(paths["policy"])).eval()
-    prompts = [tm.PROMPT_TEMPLATE.format(dialogue=d) for d in data["test"]["dialogue"][:8]]
+    prompts = [shipped.PROMPT_TEMPLATE.format(dialogue=d) for d in data["test"]["dialogue"][:8]]
     enc = ptok(prompts, padding=True, return_tensors="pt")
     torch.manual_seed(0)
     with torch.no_grad():

@@ -9,14 +9,14 @@ DEMO = "demo"
 
 @lru_cache(maxsize=1)
 def _demo_assets() -> dict:
-    from detoxrl.train.tiny_models import build_demo_assets
+    from detoxrl.train.demo_assets import build_demo_assets
 
     return {k: str(v) for k, v in build_demo_assets().items()}
 
 
 @lru_cache(maxsize=1)
 def _demo_judge() -> str:
-    from detoxrl.train.tiny_models import build_demo_judge
+    from detoxrl.train.demo_assets import build_demo_judge
 
     return str(build_demo_judge())
 
