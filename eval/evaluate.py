@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,11 +31,13 @@ from detoxrl.eval.policies import LoadedPolicy, PolicySource, load_policy
 from detoxrl.train import assets
 from detoxrl.train.config import Config, GenerationConfig, RewardTermConfig, config_hash
 from detoxrl.train.data import build_prompts, load_rows
+from detoxrl.train.distributed import make_accelerator
+from detoxrl.train.experience import sample_responses
+from detoxrl.train.experience import score_responses as score_all
 from detoxrl.train.judges import Judge
-from detoxrl.train.loop import decode_responses
-from detoxrl.train.models import Rollout, generate_rollouts, lm_forward, load_tokenizer, resolve_dtype
+from detoxrl.train.models import Rollout, lm_forward, load_tokenizer, resolve_dtype
 from detoxrl.train.ppo_math import logprobs_from_logits
-from detoxrl.train.reward import RewardTerm, resolve_label
+from detoxrl.train.reward import RewardModel, RewardTerm, resolve_label
 from detoxrl.train.tracking import package_versions, setup_logging
 
 log = logging.getLogger("detoxrl.eval")
@@ -113,16 +114,6 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
-def make_accelerator(device: str):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # gloo on CPU when launched with several processes (without it accelerate reports one process; docs/ARCHITECTURE.md).
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    return Accelerator(cpu=device == "cpu", kwargs_handlers=handlers)
-
-
 def sequence_logprob(lm, kind: str, rollout: Rollout, temperature: float) -> torch.Tensor:
     """Sum of the response tokens' log-probs (B,) under `lm`, at the sampling temperature, as in training."""
     with torch.inference_mode():
@@ -138,17 +129,12 @@ def same_vocabulary(a, b) -> bool:
 def score_responses(terms: list[RewardTerm], toxicity: Optional[tuple[RewardTerm, str]], prompts: list[str],
                     responses: list[str], judges: Optional[list[Judge]] = None) -> dict[str, Any]:
     """Every reward term (the prompt cut from the left where a term scores it), their weighted sum, the toxicity
-    of the response alone, and each judge's P(toxic). Plain lists, in input order."""
-    per_term = [t.score(prompts, responses) for t in terms]
-    total = torch.zeros(len(responses), dtype=torch.float32)
-    for t, s in zip(terms, per_term):
-        total += t.cfg.weight * s
-    out = {"reward": total.tolist(), "terms": [s.tolist() for s in per_term], "toxicity": None}
-    if toxicity is not None:
-        term, label = toxicity
-        out["toxicity"] = term.label_probability(responses, label).tolist()
-    out["judges"] = {j.name: j.toxicity(responses).tolist() for j in judges or []}
-    return out
+    of the response alone, and each judge's P(toxic), as the trainer scores them (experience.score_responses).
+    Plain lists, in input order."""
+    scored = score_all(RewardModel(terms), prompts, responses, toxicity, judges or [])
+    return {"reward": scored.reward.tolist(), "terms": [s.tolist() for s in scored.terms],
+            "toxicity": scored.toxicity.tolist() if scored.toxicity is not None else None,
+            "judges": {name: v.tolist() for name, v in scored.judges.items()}}
 
 
 @dataclass
@@ -166,7 +152,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     if len(sources) < 1:
         raise ValueError("evaluation needs at least one policy")
     t_start = time.perf_counter()
-    accelerator = make_accelerator(settings.device)
+    accelerator = make_accelerator(settings.device, 1)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -209,7 +195,6 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     # ---- generate: responses, lengths, KL to the baseline ---------------------------------------------------
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
-    rng_devices = [device] if device.type == "cuda" else []
     baseline = load_policy(sources[0], device, dtype)
     kl_available: list[bool] = []
     for i, src in enumerate(sources):
@@ -221,11 +206,8 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         kl_available.append(kl_ok)
         for c in mine:
             idx = list(range(starts[c], min(starts[c] + settings.batch_size, n)))
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(chunk_seed(settings.seed, c))
-                rollout = generate_rollouts(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
-                                            settings.max_new_tokens, device)
-            responses = decode_responses(policy.tokenizer, rollout)
+            rollout, responses = sample_responses(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
+                                                  settings.max_new_tokens, device, seed=chunk_seed(settings.seed, c))
             if i == 0:
                 kl = [0.0] * len(idx)
             elif kl_ok:
