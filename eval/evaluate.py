@@ -35,9 +35,10 @@ from detoxrl.train.distributed import make_accelerator
 from detoxrl.train.experience import sample_responses
 from detoxrl.train.experience import score_responses as score_all
 from detoxrl.train.judges import Judge
-from detoxrl.train.models import Rollout, lm_forward, load_tokenizer, resolve_dtype
+from detoxrl.train.models import lm_forward, load_tokenizer, resolve_dtype
 from detoxrl.train.ppo_math import logprobs_from_logits
 from detoxrl.train.reward import RewardModel, RewardTerm, resolve_label
+from detoxrl.train.rollout import Rollout
 from detoxrl.train.tracking import package_versions, setup_logging
 
 log = logging.getLogger("detoxrl.eval")

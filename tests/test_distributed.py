@@ -236,7 +236,8 @@ def equivalence_worker(argv: list[str]) -> None:
                                            models_built_whole, zero_stage)
     from detoxrl.train.experience import Experience
     from detoxrl.train.update import ppo_update
-    from detoxrl.train.models import build_policy, pad_prompts, reference_logprobs
+    from detoxrl.train.models import build_policy, reference_logprobs
+    from detoxrl.train.rollout import pad_prompts
     from detoxrl.train.ppo_math import logprobs_from_logits
     from safetensors.torch import save_file
 

@@ -156,7 +156,7 @@ def test_causal_path_learns(causal_demo, tmp_path):
 
 def _fixed_update_batch(policy, kind: str, seed: int = 0):
     from detoxrl.train.experience import Experience
-    from detoxrl.train.models import pad_prompts
+    from detoxrl.train.rollout import pad_prompts
 
     g = torch.Generator().manual_seed(seed)
     ids, mask = pad_prompts([[5, 6, 7, 1], [8, 9, 1], [10, 11, 12, 13, 1]], 0, kind == "causal", torch.device("cpu"))

@@ -26,11 +26,11 @@ from detoxrl.train.data import PromptSampler
 from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train.distributed import fill_deepspeed_config, make_accelerator, models_built_whole, zero_stage
 from detoxrl.train.judges import Judge, build_judges, reward_toxicity_term
-from detoxrl.train.models import (build_policy, build_reference_copy, count_parameters, resolve_device, resolve_dtype,
-                                  sampling_mismatches)
+from detoxrl.train.models import build_policy, build_reference_copy, count_parameters, resolve_device, resolve_dtype
 from detoxrl.train.ppo_math import AdaptiveKLController, FixedKLController, RunningMoments
 from detoxrl.train.preflight import RunInputs, preflight
 from detoxrl.train.reward import RewardModel, build_reward
+from detoxrl.train.rollout import sampling_mismatches
 from detoxrl.train.tracking import package_versions, setup_logging
 
 log = logging.getLogger("detoxrl.train")

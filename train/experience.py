@@ -21,7 +21,7 @@ import torch
 
 from detoxrl.train.advantages import critic_free_advantages, decoupled_gae
 from detoxrl.train.config import Config, GenerationConfig
-from detoxrl.train.models import Rollout, generate_rollouts
+from detoxrl.train.rollout import Rollout, generate_rollouts
 from detoxrl.train.ppo_math import (RunningMoments, logprobs_from_logits, masked_whiten, normalize_and_clip,
                                     per_token_rewards)
 from detoxrl.train.reward import RewardModel, RewardTerm
@@ -73,7 +73,7 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 def sample_responses(policy, prompts: list[list[int]], tokenizer, gen: GenerationConfig, max_new_tokens: int,
                      device: torch.device, synced_gpus: bool = False, k: int = 1,
                      seed: Optional[int] = None) -> tuple[Rollout, list[str]]:
-    """Sample `k` responses per prompt (models.generate_rollouts) and decode them. With `seed`, sampled from that
+    """Sample `k` responses per prompt (rollout.generate_rollouts) and decode them. With `seed`, sampled from that
     seed inside a forked RNG, so the caller's random streams are left as they were (evaluation)."""
     if seed is None:
         rollout = generate_rollouts(policy, prompts, tokenizer, gen, max_new_tokens, device, synced_gpus, k=k)
