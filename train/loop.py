@@ -218,8 +218,9 @@ def log_step(t: Trainer, logger: RunLogger, done: int, metrics: dict[str, float]
     if done % cfg.logging.log_every == 0 or done == cfg.run.total_steps:
         logger.scalars(done, metrics)
     if cfg.logging.sample_every and done % cfg.logging.sample_every == 0:
-        references = [t.inputs.prompts.references[i] for i in exp.prompt_indices] if cfg.data.reference_field \
-            else None
+        # one reference per response (k per prompt)
+        references = [t.inputs.prompts.references[i] for i in exp.prompt_indices for _ in range(cfg.ppo.k)] \
+            if cfg.data.reference_field else None
         logger.samples(done, sample_rows(exp.prompt_texts, references, exp.responses, exp.raw_scores,
                                          exp.term_scores, t.reward, judged)[:cfg.logging.num_samples])
     logger.progress(done, metrics["env/reward_mean"], metrics["objective/kl"])
