@@ -160,14 +160,86 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     setup_logging(is_main)
     device = accelerator.device
     dtype = resolve_dtype(cfg.policy.dtype, device)
-
-    # ---- prompts (one tokenization per distinct policy tokenizer) ------------------------------------------
     with accelerator.main_process_first():  # the demo's assets are built once, by the main process
-        data_path = assets.resolve(cfg.data.dataset, "data")
-        rows = load_rows(data_path, settings.split)
-        reward_paths = [assets.resolve(t.model, "reward") for t in cfg.reward.terms]
-        tox_path = assets.resolve(settings.classifier, "reward") if settings.classifier else None
-        judge_paths = [assets.resolve(j.model, "judge") for j in cfg.judges]
+        paths = _resolve_paths(cfg, settings)
+        rows = load_rows(paths["data"], settings.split)
+    prompt_sets = _prompt_sets(cfg, sources, settings, rows)
+    first_prompts = prompt_sets[(sources[0].tokenizer_path, sources[0].kind)]
+    n = len(first_prompts)
+    starts = list(range(0, n, settings.batch_size))
+    chunks = {c: list(range(starts[c], min(starts[c] + settings.batch_size, n)))
+              for c in range(len(starts)) if c % world == rank}
+    log.info("evaluating %d policies on %d prompts of %r split %r (%d chunks of %d, %d process(es))",
+             len(sources), n, cfg.data.dataset, settings.split, len(starts), settings.batch_size, world)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=2 * len(chunks) * len(sources), desc="eval", unit="chunk", dynamic_ncols=True,
+               disable=not (is_main and settings.progress))
+    t0 = time.perf_counter()
+    records, kl_available = _generate(sources, prompt_sets, settings, chunks, device, dtype, bar, is_main)
+    t_generate = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info = _score(cfg, settings, sources, prompt_sets, records, paths, device, bar)
+    bar.close()
+    t_score = time.perf_counter() - t0
+
+    # ---- gather and report ------------------------------------------------------------------------------
+    if world > 1:
+        from accelerate.utils import gather_object
+        records = gather_object(records)
+    accelerator.wait_for_everyone()
+    if not is_main:
+        accelerator.end_training()
+        return None
+    records.sort(key=lambda r: (r["policy"], r["index"]))
+    per_policy = [[r for r in records if r["policy"] == i] for i in range(len(sources))]
+    for i, recs in enumerate(per_policy):
+        if [r["index"] for r in recs] != list(range(n)):
+            raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
+    temperature = settings.generation.temperature if settings.generation.do_sample else 1.0
+    settings_out = {
+        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
+        "num_samples_used": n, "temperature_for_kl": temperature,
+        "dataset": cfg.data.dataset, "dataset_path": paths["data"], "template": cfg.data.template,
+        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": info["toxicity"],
+        "reward_terms": info["reward_terms"], "judges": info["judges"],
+        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
+        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
+    }
+    result_metrics = compute_metrics(per_policy, first_prompts.references, sources, info["term_names"], kl_available,
+                                     settings)
+    metrics_doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings_out,
+        "baseline": sources[0].label,
+        "policies": [{"label": s.label, "identity": s.identity(), "metrics": m}
+                     for s, m in zip(sources, result_metrics)],
+        "timing": {"generate_s": round(t_generate, 3), "score_s": round(t_score, 3),
+                   "total_s": round(time.perf_counter() - t_start, 3)},
+    }
+    metrics_doc["flags"] = M.judge_flags(metrics_doc)
+    samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, info["term_names"])
+    if output_dir is not None:
+        from detoxrl.eval.report import write_report
+        write_report(Path(output_dir), metrics_doc, samples, run_dir)
+        log.info("evaluation written to %s", output_dir)
+    accelerator.end_training()
+    return EvalResult(metrics_doc, samples, Path(output_dir) if output_dir else None)
+
+
+def _resolve_paths(cfg: Config, settings: EvalSettings) -> dict[str, Any]:
+    """Loadable paths of the data, the reward terms, the toxicity classifier (None: a reward term's) and judges."""
+    return {"data": assets.resolve(cfg.data.dataset, "data"),
+            "reward": [assets.resolve(t.model, "reward") for t in cfg.reward.terms],
+            "toxicity": assets.resolve(settings.classifier, "reward") if settings.classifier else None,
+            "judges": [assets.resolve(j.model, "judge") for j in cfg.judges]}
+
+
+def _prompt_sets(cfg: Config, sources: list[PolicySource], settings: EvalSettings,
+                 rows) -> dict[tuple[str, str], Any]:
+    """The prompts tokenized once per distinct (tokenizer, kind) of the policies; every set keeps the same rows."""
     data_cfg = replace(cfg.data, split=settings.split, max_samples=settings.num_samples)
     prompt_sets: dict[tuple[str, str], Any] = {}
     for src in sources:
@@ -178,23 +250,19 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     sizes = {len(p) for p in prompt_sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"the policies' tokenizers keep different numbers of prompts ({sorted(sizes)})")
-    first_prompts = prompt_sets[(sources[0].tokenizer_path, sources[0].kind)]
-    n = len(first_prompts)
+    n = sizes.pop()
     if n < settings.num_samples:
         log.warning("only %d usable prompts in split %r (asked for %d)", n, settings.split, settings.num_samples)
-    starts = list(range(0, n, settings.batch_size))
-    mine = [c for c in range(len(starts)) if c % world == rank]
+    return prompt_sets
+
+
+def _generate(sources: list[PolicySource], prompt_sets: dict[tuple[str, str], Any], settings: EvalSettings,
+              chunks: dict[int, list[int]], device: torch.device, dtype: torch.dtype, bar,
+              is_main: bool) -> tuple[list[dict[str, Any]], list[bool]]:
+    """Per policy and chunk of this rank: responses (chunk c sampled with seed (seed, c)), lengths, and the KL to
+    the baseline (the first policy). Returns the records and, per policy, whether its KL is available."""
     gen = settings.generation
     temperature = gen.temperature if gen.do_sample else 1.0
-    log.info("evaluating %d policies on %d prompts of %r split %r (%d chunks of %d, %d process(es))",
-             len(sources), n, cfg.data.dataset, settings.split, len(starts), settings.batch_size, world)
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=2 * len(mine) * len(sources), desc="eval", unit="chunk", dynamic_ncols=True,
-               disable=not (is_main and settings.progress))
-
-    # ---- generate: responses, lengths, KL to the baseline ---------------------------------------------------
-    t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
     baseline = load_policy(sources[0], device, dtype)
     kl_available: list[bool] = []
@@ -205,8 +273,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         if not kl_ok and is_main:
             log.warning("policy %s does not share the baseline's vocabulary: no KL to it", src.label)
         kl_available.append(kl_ok)
-        for c in mine:
-            idx = list(range(starts[c], min(starts[c] + settings.batch_size, n)))
+        for c, idx in chunks.items():
             rollout, responses = sample_responses(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
                                                   settings.max_new_tokens, device, seed=chunk_seed(settings.seed, c))
             if i == 0:
@@ -229,20 +296,24 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    t_generate = time.perf_counter() - t0
+    return records, kl_available
 
-    # ---- score: reward terms and toxicity -------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def _score(cfg: Config, settings: EvalSettings, sources: list[PolicySource], prompt_sets: dict[tuple[str, str], Any],
+           records: list[dict[str, Any]], paths: dict[str, Any], device: torch.device, bar) -> dict[str, Any]:
+    """Adds reward, terms, toxicity and judges to each record (the classifiers load now, after generation);
+    returns what metrics.json says about the classifiers."""
     # Every classifier on this rank's device (the recipe's per-term devices are for training layouts).
-    terms = [RewardTerm(t, path, device, torch.float32) for t, path in zip(cfg.reward.terms, reward_paths)]
-    toxicity, tox_info = _toxicity_classifier(cfg, settings, terms, tox_path, device)
-    judges = [Judge(j, path, device) for j, path in zip(cfg.judges, judge_paths)]
+    terms = [RewardTerm(t, path, device, torch.float32) for t, path in zip(cfg.reward.terms, paths["reward"])]
+    toxicity, tox_info = _toxicity_classifier(cfg, settings, terms, paths["toxicity"], device)
+    judges = [Judge(j, path, device) for j, path in zip(cfg.judges, paths["judges"])]
     by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in records:
         by_key.setdefault((r["policy"], r["chunk"]), []).append(r)
+    chunks = sorted({r["chunk"] for r in records})
     for i, src in enumerate(sources):
         prompts = prompt_sets[(src.tokenizer_path, src.kind)]
-        for c in mine:
+        for c in chunks:
             recs = by_key[(i, c)]
             scored = score_responses(terms, toxicity, [prompts.texts[r["index"]] for r in recs],
                                      [r["response"] for r in recs], judges)
@@ -252,59 +323,13 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
                 r["toxicity"] = scored["toxicity"][k] if scored["toxicity"] is not None else None
                 r["judges"] = {name: v[k] for name, v in scored["judges"].items()}
             bar.update()
-    bar.close()
     term_names = [f"{t.cfg.model}/{t.cfg.label}" for t in terms]
     term_info = [{"name": name, **asdict(t.cfg), "path": path, "label_index": t.label_index,
-                  "window": t.max_length} for name, t, path in zip(term_names, terms, reward_paths)]
+                  "window": t.max_length} for name, t, path in zip(term_names, terms, paths["reward"])]
     judge_info = [{"name": j.name, "model": j.cfg.model, "path": path, "label": j.cfg.label,
                    "label_index": j.term.label_index, "threshold": j.cfg.threshold}
-                  for j, path in zip(judges, judge_paths)]
-    del terms, toxicity, judges
-    t_score = time.perf_counter() - t0
-
-    # ---- gather and report ------------------------------------------------------------------------------
-    if world > 1:
-        from accelerate.utils import gather_object
-        records = gather_object(records)
-    accelerator.wait_for_everyone()
-    if not is_main:
-        accelerator.end_training()
-        return None
-    records.sort(key=lambda r: (r["policy"], r["index"]))
-    per_policy = [[r for r in records if r["policy"] == i] for i in range(len(sources))]
-    for i, recs in enumerate(per_policy):
-        if [r["index"] for r in recs] != list(range(n)):
-            raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
-    settings_out = {
-        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
-        "num_samples_used": n, "temperature_for_kl": temperature,
-        "dataset": cfg.data.dataset, "dataset_path": data_path, "template": cfg.data.template,
-        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
-        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": tox_info, "reward_terms": term_info,
-        "judges": judge_info,
-        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
-        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
-    }
-    result_metrics = compute_metrics(per_policy, first_prompts.references, sources, term_names, kl_available,
-                                     settings)
-    metrics_doc = {
-        "schema_version": SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": settings_out,
-        "baseline": sources[0].label,
-        "policies": [{"label": s.label, "identity": s.identity(), "metrics": m}
-                     for s, m in zip(sources, result_metrics)],
-        "timing": {"generate_s": round(t_generate, 3), "score_s": round(t_score, 3),
-                   "total_s": round(time.perf_counter() - t_start, 3)},
-    }
-    metrics_doc["flags"] = M.judge_flags(metrics_doc)
-    samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, term_names)
-    if output_dir is not None:
-        from detoxrl.eval.report import write_report
-        write_report(Path(output_dir), metrics_doc, samples, run_dir)
-        log.info("evaluation written to %s", output_dir)
-    accelerator.end_training()
-    return EvalResult(metrics_doc, samples, Path(output_dir) if output_dir else None)
+                  for j, path in zip(judges, paths["judges"])]
+    return {"term_names": term_names, "reward_terms": term_info, "judges": judge_info, "toxicity": tox_info}
 
 
 def _eval_packages() -> dict[str, Optional[str]]:
