@@ -1,12 +1,13 @@
 """The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in
-docs/ARCHITECTURE.md.
+docs/ARCHITECTURE.md. Steps 1-5 call train/experience.py and end in one `Experience`; step 6 is
+train/update.py; step 7's figures are train/metrics.py.
 
     setup: accelerator, preflight (configs, tokenizers, data: bad input fails before any weights load), models
-           (policy + value head, reference, reward), optimizer, resume
-    for each step:
+           (policy + value head, reference, reward), optimizer (train/build.py), resume
+    for each step (`run_steps`):
         1. prompts      this rank's shard of the shuffled prompt set
-        2. rollout      batched sampling from the policy (LoRA on)
-        3. reward       decode, re-tokenize for each classifier, score in length-sorted batches
+        2. rollout      batched sampling from the policy (LoRA on), decoded to text
+        3. reward       re-tokenize for each classifier, score in length-sorted batches
         4. reference    log-probs under the frozen reference; old log-probs and values under the policy
         5. advantages   per-token -beta*KL + score on the last token; GAE with the critic or a critic-free
                         estimator over the k responses per prompt; normalised over the global batch
