@@ -41,7 +41,7 @@ for p in params:   # one optimizer step so AdamW holds its moments, as in a real
     p.grad = torch.randn_like(p) * 1e-3
 opt.step(); sched.step()
 n_train = sum(p.numel() for p in params)
-state = {"step": 1, "samples_seen": 16, "world_size": 1, "config": {}}
+state = ckpt.TrainerState(step=1, samples_seen=16, world_size=1)
 saves, loads = [], []
 for i in range(7):
     t0 = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,14 +28,18 @@ import torch
 
 from detoxrl.eval import metrics as M
 from detoxrl.eval.policies import LoadedPolicy, PolicySource, load_policy
+from detoxrl.eval.records import compute_metrics, sample_rows
 from detoxrl.train import assets
 from detoxrl.train.config import Config, GenerationConfig, RewardTermConfig, config_hash
 from detoxrl.train.data import build_prompts, load_rows
+from detoxrl.train.distributed import make_accelerator
+from detoxrl.train.experience import sample_responses
+from detoxrl.train.experience import score_responses as score_all
 from detoxrl.train.judges import Judge
-from detoxrl.train.loop import decode_responses
-from detoxrl.train.models import Rollout, generate_rollouts, lm_forward, load_tokenizer, resolve_dtype
+from detoxrl.train.models import lm_forward, load_tokenizer, resolve_dtype
 from detoxrl.train.ppo_math import logprobs_from_logits
-from detoxrl.train.reward import RewardTerm, resolve_label
+from detoxrl.train.reward import RewardModel, RewardTerm, resolve_label
+from detoxrl.train.rollout import Rollout
 from detoxrl.train.tracking import package_versions, setup_logging
 
 log = logging.getLogger("detoxrl.eval")
@@ -113,16 +116,6 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
-def make_accelerator(device: str):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # gloo on CPU when launched with several processes (without it accelerate reports one process; docs/ARCHITECTURE.md).
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    return Accelerator(cpu=device == "cpu", kwargs_handlers=handlers)
-
-
 def sequence_logprob(lm, kind: str, rollout: Rollout, temperature: float) -> torch.Tensor:
     """Sum of the response tokens' log-probs (B,) under `lm`, at the sampling temperature, as in training."""
     with torch.inference_mode():
@@ -138,17 +131,12 @@ def same_vocabulary(a, b) -> bool:
 def score_responses(terms: list[RewardTerm], toxicity: Optional[tuple[RewardTerm, str]], prompts: list[str],
                     responses: list[str], judges: Optional[list[Judge]] = None) -> dict[str, Any]:
     """Every reward term (the prompt cut from the left where a term scores it), their weighted sum, the toxicity
-    of the response alone, and each judge's P(toxic). Plain lists, in input order."""
-    per_term = [t.score(prompts, responses) for t in terms]
-    total = torch.zeros(len(responses), dtype=torch.float32)
-    for t, s in zip(terms, per_term):
-        total += t.cfg.weight * s
-    out = {"reward": total.tolist(), "terms": [s.tolist() for s in per_term], "toxicity": None}
-    if toxicity is not None:
-        term, label = toxicity
-        out["toxicity"] = term.label_probability(responses, label).tolist()
-    out["judges"] = {j.name: j.toxicity(responses).tolist() for j in judges or []}
-    return out
+    of the response alone, and each judge's P(toxic), as the trainer scores them (experience.score_responses).
+    Plain lists, in input order."""
+    scored = score_all(RewardModel(terms), prompts, responses, toxicity, judges or [])
+    return {"reward": scored.reward.tolist(), "terms": [s.tolist() for s in scored.terms],
+            "toxicity": scored.toxicity.tolist() if scored.toxicity is not None else None,
+            "judges": {name: v.tolist() for name, v in scored.judges.items()}}
 
 
 @dataclass
@@ -166,21 +154,93 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     if len(sources) < 1:
         raise ValueError("evaluation needs at least one policy")
     t_start = time.perf_counter()
-    accelerator = make_accelerator(settings.device)
+    accelerator = make_accelerator(settings.device, 1)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     setup_logging(is_main)
     device = accelerator.device
     dtype = resolve_dtype(cfg.policy.dtype, device)
-
-    # ---- prompts (one tokenization per distinct policy tokenizer) ------------------------------------------
     with accelerator.main_process_first():  # the demo's assets are built once, by the main process
-        data_path = assets.resolve(cfg.data.dataset, "data")
-        rows = load_rows(data_path, settings.split)
-        reward_paths = [assets.resolve(t.model, "reward") for t in cfg.reward.terms]
-        tox_path = assets.resolve(settings.classifier, "reward") if settings.classifier else None
-        judge_paths = [assets.resolve(j.model, "judge") for j in cfg.judges]
+        paths = _resolve_paths(cfg, settings)
+        rows = load_rows(paths["data"], settings.split)
+    prompt_sets = _prompt_sets(cfg, sources, settings, rows)
+    first_prompts = prompt_sets[(sources[0].tokenizer_path, sources[0].kind)]
+    n = len(first_prompts)
+    starts = list(range(0, n, settings.batch_size))
+    chunks = {c: list(range(starts[c], min(starts[c] + settings.batch_size, n)))
+              for c in range(len(starts)) if c % world == rank}
+    log.info("evaluating %d policies on %d prompts of %r split %r (%d chunks of %d, %d process(es))",
+             len(sources), n, cfg.data.dataset, settings.split, len(starts), settings.batch_size, world)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=2 * len(chunks) * len(sources), desc="eval", unit="chunk", dynamic_ncols=True,
+               disable=not (is_main and settings.progress))
+    t0 = time.perf_counter()
+    records, kl_available = _generate(sources, prompt_sets, settings, chunks, device, dtype, bar, is_main)
+    t_generate = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info = _score(cfg, settings, sources, prompt_sets, records, paths, device, bar)
+    bar.close()
+    t_score = time.perf_counter() - t0
+
+    # ---- gather and report ------------------------------------------------------------------------------
+    if world > 1:
+        from accelerate.utils import gather_object
+        records = gather_object(records)
+    accelerator.wait_for_everyone()
+    if not is_main:
+        accelerator.end_training()
+        return None
+    records.sort(key=lambda r: (r["policy"], r["index"]))
+    per_policy = [[r for r in records if r["policy"] == i] for i in range(len(sources))]
+    for i, recs in enumerate(per_policy):
+        if [r["index"] for r in recs] != list(range(n)):
+            raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
+    temperature = settings.generation.temperature if settings.generation.do_sample else 1.0
+    settings_out = {
+        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
+        "num_samples_used": n, "temperature_for_kl": temperature,
+        "dataset": cfg.data.dataset, "dataset_path": paths["data"], "template": cfg.data.template,
+        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": info["toxicity"],
+        "reward_terms": info["reward_terms"], "judges": info["judges"],
+        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
+        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
+    }
+    result_metrics = compute_metrics(per_policy, first_prompts.references, sources, info["term_names"], kl_available,
+                                     settings)
+    metrics_doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings_out,
+        "baseline": sources[0].label,
+        "policies": [{"label": s.label, "identity": s.identity(), "metrics": m}
+                     for s, m in zip(sources, result_metrics)],
+        "timing": {"generate_s": round(t_generate, 3), "score_s": round(t_score, 3),
+                   "total_s": round(time.perf_counter() - t_start, 3)},
+    }
+    metrics_doc["flags"] = M.judge_flags(metrics_doc)
+    samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, info["term_names"])
+    if output_dir is not None:
+        from detoxrl.eval.report import write_report
+        write_report(Path(output_dir), metrics_doc, samples, run_dir)
+        log.info("evaluation written to %s", output_dir)
+    accelerator.end_training()
+    return EvalResult(metrics_doc, samples, Path(output_dir) if output_dir else None)
+
+
+def _resolve_paths(cfg: Config, settings: EvalSettings) -> dict[str, Any]:
+    """Loadable paths of the data, the reward terms, the toxicity classifier (None: a reward term's) and judges."""
+    return {"data": assets.resolve(cfg.data.dataset, "data"),
+            "reward": [assets.resolve(t.model, "reward") for t in cfg.reward.terms],
+            "toxicity": assets.resolve(settings.classifier, "reward") if settings.classifier else None,
+            "judges": [assets.resolve(j.model, "judge") for j in cfg.judges]}
+
+
+def _prompt_sets(cfg: Config, sources: list[PolicySource], settings: EvalSettings,
+                 rows) -> dict[tuple[str, str], Any]:
+    """The prompts tokenized once per distinct (tokenizer, kind) of the policies; every set keeps the same rows."""
     data_cfg = replace(cfg.data, split=settings.split, max_samples=settings.num_samples)
     prompt_sets: dict[tuple[str, str], Any] = {}
     for src in sources:
@@ -191,25 +251,20 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     sizes = {len(p) for p in prompt_sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"the policies' tokenizers keep different numbers of prompts ({sorted(sizes)})")
-    first_prompts = prompt_sets[(sources[0].tokenizer_path, sources[0].kind)]
-    n = len(first_prompts)
+    n = sizes.pop()
     if n < settings.num_samples:
         log.warning("only %d usable prompts in split %r (asked for %d)", n, settings.split, settings.num_samples)
-    starts = list(range(0, n, settings.batch_size))
-    mine = [c for c in range(len(starts)) if c % world == rank]
+    return prompt_sets
+
+
+def _generate(sources: list[PolicySource], prompt_sets: dict[tuple[str, str], Any], settings: EvalSettings,
+              chunks: dict[int, list[int]], device: torch.device, dtype: torch.dtype, bar,
+              is_main: bool) -> tuple[list[dict[str, Any]], list[bool]]:
+    """Per policy and chunk of this rank: responses (chunk c sampled with seed (seed, c)), lengths, and the KL to
+    the baseline (the first policy). Returns the records and, per policy, whether its KL is available."""
     gen = settings.generation
     temperature = gen.temperature if gen.do_sample else 1.0
-    log.info("evaluating %d policies on %d prompts of %r split %r (%d chunks of %d, %d process(es))",
-             len(sources), n, cfg.data.dataset, settings.split, len(starts), settings.batch_size, world)
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=2 * len(mine) * len(sources), desc="eval", unit="chunk", dynamic_ncols=True,
-               disable=not (is_main and settings.progress))
-
-    # ---- generate: responses, lengths, KL to the baseline ---------------------------------------------------
-    t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
-    rng_devices = [device] if device.type == "cuda" else []
     baseline = load_policy(sources[0], device, dtype)
     kl_available: list[bool] = []
     for i, src in enumerate(sources):
@@ -219,13 +274,9 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         if not kl_ok and is_main:
             log.warning("policy %s does not share the baseline's vocabulary: no KL to it", src.label)
         kl_available.append(kl_ok)
-        for c in mine:
-            idx = list(range(starts[c], min(starts[c] + settings.batch_size, n)))
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(chunk_seed(settings.seed, c))
-                rollout = generate_rollouts(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
-                                            settings.max_new_tokens, device)
-            responses = decode_responses(policy.tokenizer, rollout)
+        for c, idx in chunks.items():
+            rollout, responses = sample_responses(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
+                                                  settings.max_new_tokens, device, seed=chunk_seed(settings.seed, c))
             if i == 0:
                 kl = [0.0] * len(idx)
             elif kl_ok:
@@ -246,20 +297,24 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    t_generate = time.perf_counter() - t0
+    return records, kl_available
 
-    # ---- score: reward terms and toxicity -------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def _score(cfg: Config, settings: EvalSettings, sources: list[PolicySource], prompt_sets: dict[tuple[str, str], Any],
+           records: list[dict[str, Any]], paths: dict[str, Any], device: torch.device, bar) -> dict[str, Any]:
+    """Adds reward, terms, toxicity and judges to each record (the classifiers load now, after generation);
+    returns what metrics.json says about the classifiers."""
     # Every classifier on this rank's device (the recipe's per-term devices are for training layouts).
-    terms = [RewardTerm(t, path, device, torch.float32) for t, path in zip(cfg.reward.terms, reward_paths)]
-    toxicity, tox_info = _toxicity_classifier(cfg, settings, terms, tox_path, device)
-    judges = [Judge(j, path, device) for j, path in zip(cfg.judges, judge_paths)]
+    terms = [RewardTerm(t, path, device, torch.float32) for t, path in zip(cfg.reward.terms, paths["reward"])]
+    toxicity, tox_info = _toxicity_classifier(cfg, settings, terms, paths["toxicity"], device)
+    judges = [Judge(j, path, device) for j, path in zip(cfg.judges, paths["judges"])]
     by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in records:
         by_key.setdefault((r["policy"], r["chunk"]), []).append(r)
+    chunks = sorted({r["chunk"] for r in records})
     for i, src in enumerate(sources):
         prompts = prompt_sets[(src.tokenizer_path, src.kind)]
-        for c in mine:
+        for c in chunks:
             recs = by_key[(i, c)]
             scored = score_responses(terms, toxicity, [prompts.texts[r["index"]] for r in recs],
                                      [r["response"] for r in recs], judges)
@@ -269,59 +324,13 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
                 r["toxicity"] = scored["toxicity"][k] if scored["toxicity"] is not None else None
                 r["judges"] = {name: v[k] for name, v in scored["judges"].items()}
             bar.update()
-    bar.close()
     term_names = [f"{t.cfg.model}/{t.cfg.label}" for t in terms]
     term_info = [{"name": name, **asdict(t.cfg), "path": path, "label_index": t.label_index,
-                  "window": t.max_length} for name, t, path in zip(term_names, terms, reward_paths)]
+                  "window": t.max_length} for name, t, path in zip(term_names, terms, paths["reward"])]
     judge_info = [{"name": j.name, "model": j.cfg.model, "path": path, "label": j.cfg.label,
                    "label_index": j.term.label_index, "threshold": j.cfg.threshold}
-                  for j, path in zip(judges, judge_paths)]
-    del terms, toxicity, judges
-    t_score = time.perf_counter() - t0
-
-    # ---- gather and report ------------------------------------------------------------------------------
-    if world > 1:
-        from accelerate.utils import gather_object
-        records = gather_object(records)
-    accelerator.wait_for_everyone()
-    if not is_main:
-        accelerator.end_training()
-        return None
-    records.sort(key=lambda r: (r["policy"], r["index"]))
-    per_policy = [[r for r in records if r["policy"] == i] for i in range(len(sources))]
-    for i, recs in enumerate(per_policy):
-        if [r["index"] for r in recs] != list(range(n)):
-            raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
-    settings_out = {
-        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
-        "num_samples_used": n, "temperature_for_kl": temperature,
-        "dataset": cfg.data.dataset, "dataset_path": data_path, "template": cfg.data.template,
-        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
-        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": tox_info, "reward_terms": term_info,
-        "judges": judge_info,
-        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
-        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
-    }
-    result_metrics = compute_metrics(per_policy, first_prompts.references, sources, term_names, kl_available,
-                                     settings)
-    metrics_doc = {
-        "schema_version": SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": settings_out,
-        "baseline": sources[0].label,
-        "policies": [{"label": s.label, "identity": s.identity(), "metrics": m}
-                     for s, m in zip(sources, result_metrics)],
-        "timing": {"generate_s": round(t_generate, 3), "score_s": round(t_score, 3),
-                   "total_s": round(time.perf_counter() - t_start, 3)},
-    }
-    metrics_doc["flags"] = M.judge_flags(metrics_doc)
-    samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, term_names)
-    if output_dir is not None:
-        from detoxrl.eval.report import write_report
-        write_report(Path(output_dir), metrics_doc, samples, run_dir)
-        log.info("evaluation written to %s", output_dir)
-    accelerator.end_training()
-    return EvalResult(metrics_doc, samples, Path(output_dir) if output_dir else None)
+                  for j, path in zip(judges, paths["judges"])]
+    return {"term_names": term_names, "reward_terms": term_info, "judges": judge_info, "toxicity": tox_info}
 
 
 def _eval_packages() -> dict[str, Optional[str]]:
@@ -358,117 +367,3 @@ def _toxicity_classifier(cfg: Config, settings: EvalSettings, terms: list[Reward
                     "with --classifier)", err)
         return None, {**info, "skipped": str(err)}
     return (term, label), info
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Metrics and the sample table (main process, from the gathered per-sample records)
-# --------------------------------------------------------------------------------------------------------------
-def compute_metrics(per_policy: list[list[dict[str, Any]]], references: list[Optional[str]],
-                    sources: list[PolicySource], term_names: list[str], kl_available: list[bool],
-                    settings: EvalSettings) -> list[dict[str, Any]]:
-    has_refs = bool(references) and all(r is not None for r in references)
-    base = per_policy[0]
-    out = []
-    for i, recs in enumerate(per_policy):
-        responses = [r["response"] for r in recs]
-        rewards = np.array([r["reward"] for r in recs])
-        m: dict[str, Any] = {"num_samples": len(recs)}
-        boot = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed)
-        if recs[0]["toxicity"] is not None:
-            tox = np.array([r["toxicity"] for r in recs])
-            m["toxicity"] = {**M.summary(tox), "share_above_0.5": float((tox > 0.5).mean()),
-                             "mean_interval": M.mean_interval(tox, **boot)}
-        else:
-            m["toxicity"] = None
-        m["judges"] = {}
-        for name, threshold in settings_judges(recs, settings):
-            jt = np.array([r["judges"][name] for r in recs])
-            entry: dict[str, Any] = {**M.summary(jt), "threshold": threshold,
-                                     "share_toxic": float((jt >= threshold).mean()),
-                                     "mean_interval": M.mean_interval(jt, **boot)}
-            if recs[0]["toxicity"] is not None:  # the reward's classifier says clean, the judge says toxic
-                missed = [k for k, r in enumerate(recs) if r["toxicity"] < 0.5 and r["judges"][name] >= threshold]
-                entry["reward_clean_judge_toxic"] = {
-                    "share": len(missed) / len(recs),
-                    "examples": [{"index": recs[k]["index"], "response": recs[k]["response"],
-                                  "toxicity": recs[k]["toxicity"], "judge": recs[k]["judges"][name]}
-                                 for k in missed[:5]]}
-            m["judges"][name] = entry
-        m["reward"] = M.summary(rewards)
-        m["reward_terms"] = {name: M.summary([r["terms"][k] for r in recs]) for k, name in enumerate(term_names)}
-        if has_refs:
-            rouge = M.rouge_per_sample(responses, [str(x) for x in references])
-            m["rouge"] = {k: float(np.mean(v)) for k, v in rouge.items()}
-        else:
-            m["rouge"] = None
-        m["response_length"] = {"mean_tokens": float(np.mean([r["response_tokens"] for r in recs])),
-                                "mean_words": float(np.mean([len(t.split()) for t in responses])),
-                                "ended_share": float(np.mean([r["ended"] for r in recs]))}
-        m["distinct"] = {f"distinct_{k}": M.distinct_n(responses, k) for k in (1, 2, 3)}
-        m["duplicate_share"] = M.duplicate_share(responses)
-        m["kl_to_baseline"] = M.summary([r["kl"] for r in recs]) if kl_available[i] else None
-        if i > 0:
-            m["vs_baseline"] = _comparison(base, recs, settings, i)
-        out.append(m)
-    return out
-
-
-def settings_judges(recs: list[dict[str, Any]], settings: EvalSettings) -> list[tuple[str, float]]:
-    """(name, threshold) of the judges the records were scored by, in order."""
-    return [(name, settings.judge_thresholds.get(name, 0.5)) for name in recs[0].get("judges", {})]
-
-
-def _comparison(base: list[dict[str, Any]], recs: list[dict[str, Any]], settings: EvalSettings,
-                i: int) -> dict[str, Any]:
-    # the same resamples for every policy (common random numbers): identical samples give identical intervals
-    boot = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed)
-    out: dict[str, Any] = {}
-    if base[0]["toxicity"] is not None and recs[0]["toxicity"] is not None:
-        a = np.array([r["toxicity"] for r in base])
-        b = np.array([r["toxicity"] for r in recs])
-        out["toxicity_mean_improvement"] = M.paired_bootstrap(a, b, M.mean_improvement, **boot)
-        out["toxicity_std_improvement"] = M.paired_bootstrap(a, b, M.std_improvement, **boot)
-    a = np.array([r["reward"] for r in base])
-    b = np.array([r["reward"] for r in recs])
-    out["reward_mean_change"] = M.paired_bootstrap(a, b, M.mean_difference, **boot)
-    out["judges"] = {}
-    for name in recs[0].get("judges", {}):
-        a = np.array([r["judges"][name] for r in base])
-        b = np.array([r["judges"][name] for r in recs])
-        out["judges"][name] = {"toxicity_mean_improvement": M.paired_bootstrap(a, b, M.mean_improvement, **boot)}
-    return out
-
-
-def sample_rows(per_policy: list[list[dict[str, Any]]], prompts: list[str], references: list[Optional[str]],
-                sources: list[PolicySource], term_names: list[str]) -> list[dict[str, Any]]:
-    """One row per prompt: the prompt, the reference, each policy's response and scores, and each policy's
-    differences to the baseline; sorted by the last policy's reward difference, largest first (as the seeds)."""
-    has_refs = any(r is not None for r in references)
-    labels = [s.label for s in sources]
-    rows = []
-    for j, prompt in enumerate(prompts):
-        row: dict[str, Any] = {"index": j, "prompt": prompt}
-        if has_refs:
-            row["reference"] = references[j]
-        for i, label in enumerate(labels):
-            r = per_policy[i][j]
-            row[f"response_{label}"] = r["response"]
-            row[f"reward_{label}"] = r["reward"]
-            if len(term_names) > 1:
-                for k, name in enumerate(term_names):
-                    row[f"term{k}_{label}"] = r["terms"][k]
-            if r["toxicity"] is not None:
-                row[f"toxicity_{label}"] = r["toxicity"]
-            for name, v in r.get("judges", {}).items():
-                row[f"judge_{name}_{label}"] = v
-            if r["kl"] is not None:
-                row[f"kl_{label}"] = r["kl"]
-        for i, label in enumerate(labels[1:], start=1):
-            row[f"reward_diff_{label}"] = per_policy[i][j]["reward"] - per_policy[0][j]["reward"]
-            if per_policy[i][j]["toxicity"] is not None and per_policy[0][j]["toxicity"] is not None:
-                row[f"toxicity_diff_{label}"] = per_policy[i][j]["toxicity"] - per_policy[0][j]["toxicity"]
-        rows.append(row)
-    if len(labels) > 1:
-        key = f"reward_diff_{labels[-1]}"
-        rows.sort(key=lambda r: (-r[key], r["index"]))
-    return rows

@@ -234,8 +234,10 @@ def equivalence_worker(argv: list[str]) -> None:
     from detoxrl.train.config import load_config
     from detoxrl.train.distributed import (fill_deepspeed_config, gathered_trainable, make_accelerator,
                                            models_built_whole, zero_stage)
-    from detoxrl.train.loop import UpdateBatch, ppo_update
-    from detoxrl.train.models import build_policy, pad_prompts, reference_logprobs
+    from detoxrl.train.experience import Experience
+    from detoxrl.train.update import ppo_update
+    from detoxrl.train.models import build_policy, reference_logprobs
+    from detoxrl.train.rollout import pad_prompts
     from detoxrl.train.ppo_math import logprobs_from_logits
     from safetensors.torch import save_file
 
@@ -284,7 +286,7 @@ def equivalence_worker(argv: list[str]) -> None:
     with torch.no_grad():
         logits, _ = engine(prompt_ids, prompt_mask, response_ids)
         old_logp = logprobs_from_logits(logits, response_ids, 1.0).float()
-    batch = UpdateBatch(prompt_ids, prompt_mask, response_ids, mask[mine].to(device), old_logp,
+    batch = Experience(prompt_ids, prompt_mask, response_ids, mask[mine].to(device), old_logp,
                         old_values[mine].to(device), advantages[mine].to(device), returns[mine].to(device))
     result = ppo_update(accelerator, engine, optimizer, scheduler, batch, cfg.ppo, 1.0, shuffle_seed=7)
     assert result.skipped == 0, result

@@ -260,6 +260,17 @@ def test_response_is_scored_when_the_prompt_is_longer_than_the_classifier_window
     assert out["terms"][0] == out["reward"]
 
 
+def test_eval_refuses_non_finite_reward_scores_as_training_does(demo_assets, monkeypatch):
+    """detoxrl-eval sums the reward with RewardModel.score, whose guard makes a NaN score an error (never a number
+    in the report)."""
+    cfg = RewardTermConfig(model="demo", label="nothate", output="logit", score="response")
+    term = RewardTerm(cfg, str(demo_assets["reward"]), torch.device("cpu"), torch.float32)
+    real = term.score
+    monkeypatch.setattr(term, "score", lambda p, r: torch.where(torch.arange(len(r)) == 1, float("nan"), real(p, r)))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        score_responses([term], (term, "hate"), ["a", "b"], ["thanks for the lunch", "you idiot"])
+
+
 # ---- the demo's claim ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_eval_of_the_demo_run_shows_the_improvement_the_demo_claims(shipped_demo_run, tmp_path):

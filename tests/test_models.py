@@ -8,8 +8,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from detoxrl.train.config import CriticConfig, GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
-from detoxrl.train.models import (build_policy, build_reference_copy, count_parameters, generate_rollouts,
-                                  load_tokenizer, lm_forward, mask_after_eos, pad_prompts, reference_logprobs)
+from detoxrl.train.models import (build_policy, build_reference_copy, count_parameters, load_tokenizer, lm_forward,
+                                  reference_logprobs)
+from detoxrl.train.rollout import generate_rollouts, mask_after_eos, pad_prompts
 from detoxrl.train.ppo_math import logprobs_from_logits
 
 CPU = torch.device("cpu")
@@ -268,9 +269,9 @@ def test_the_models_own_generation_config_does_not_change_sampling(test_models, 
     that it ignored them)."""
     import logging
 
-    from detoxrl.train import models
+    from detoxrl.train import rollout
 
-    monkeypatch.setattr(models, "_warned", set())
+    monkeypatch.setattr(rollout, "_warned", set())
     monkeypatch.setattr(logging.getLogger("detoxrl"), "propagate", True)
     tok = load_tokenizer(str(test_models["t5"]), "seq2seq")
     policy = make_policy(test_models["t5"], "seq2seq")
@@ -304,7 +305,7 @@ def test_the_models_own_generation_config_does_not_change_sampling(test_models, 
 
 
 def test_sampling_mismatches_are_named():
-    from detoxrl.train.models import sampling_mismatches
+    from detoxrl.train.rollout import sampling_mismatches
 
     assert sampling_mismatches(GenerationConfig(min_new_tokens=0)) == []
     found = sampling_mismatches(GenerationConfig(top_k=50, top_p=0.9, min_new_tokens=3))

@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 from detoxrl.train import checkpoint as ckpt
-from detoxrl.train import loop
+from detoxrl.train import loop, signals
 from detoxrl.train.cli import EXIT_ABORTED, EXIT_STOPPED
 
 from conftest import REPO
@@ -50,7 +50,7 @@ def foreground():
 
 
 def handlers() -> dict[int, object]:
-    return {s: signal.getsignal(s) for s in loop.STOP_SIGNALS}
+    return {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
 
 
 def signals_during_step(monkeypatch, step: int, *signums: int) -> None:

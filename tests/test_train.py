@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from detoxrl.train import loop
+from detoxrl.train import update
 from detoxrl.train.config import load_config
 from detoxrl.train.loop import NonFiniteLossError, train
 
@@ -98,13 +98,13 @@ def test_saved_adapter_reproduces_the_trained_policy(test_models, tmp_path):
 
 
 def test_non_finite_loss_skips_updates_then_stops(test_models, tmp_path, monkeypatch):
-    real = loop.policy_loss
+    real = update.policy_loss
 
     def nan_loss(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(loop, "policy_loss", nan_loss)
+    monkeypatch.setattr(update, "policy_loss", nan_loss)
     over = recipe_overrides("flan_t5_cola_neutral", test_models)
     cfg = load_config(RECIPES / "flan_t5_cola_neutral.yaml",
                       [*over, *FAST, "run.total_steps=5", "run.max_nonfinite_steps=2", f"run.output_dir={tmp_path}"])
@@ -155,8 +155,8 @@ def test_causal_path_learns(causal_demo, tmp_path):
 
 
 def _fixed_update_batch(policy, kind: str, seed: int = 0):
-    from detoxrl.train.loop import UpdateBatch
-    from detoxrl.train.models import pad_prompts
+    from detoxrl.train.experience import Experience
+    from detoxrl.train.rollout import pad_prompts
 
     g = torch.Generator().manual_seed(seed)
     ids, mask = pad_prompts([[5, 6, 7, 1], [8, 9, 1], [10, 11, 12, 13, 1]], 0, kind == "causal", torch.device("cpu"))
@@ -166,13 +166,13 @@ def _fixed_update_batch(policy, kind: str, seed: int = 0):
         logits, values = policy(ids, mask, resp)
     from detoxrl.train.ppo_math import logprobs_from_logits
     old = logprobs_from_logits(logits, resp, 0.7)
-    return UpdateBatch(ids, mask, resp, m, old, values, torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g),
+    return Experience(ids, mask, resp, m, old, values, torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g),
                        old - 0.1)
 
 
 def test_entropy_is_tempered_and_without_gradients_when_only_logged(test_models):
     from detoxrl.train.config import PPOConfig
-    from detoxrl.train.loop import LossTerms, micro_batch_loss
+    from detoxrl.train.update import LossTerms, micro_batch_loss
     from detoxrl.train.ppo_math import entropy_from_logits, masked_mean
     from test_models import critic_policy, perturb_lora
 

@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +55,30 @@ COMPLETE = "COMPLETE"
 HARMLESS_PREFIXES = ("run.total_steps", "run.output_dir", "run.max_nonfinite_steps", "logging.", "checkpoint.",
                      "evaluation.", "reward.terms.*.device", "reward.terms.*.batch_size", "reference.device",
                      "generation.rollout_batch_size", "run.device", "generation.zero3_gather_weights")
+
+
+@dataclass
+class TrainerState:
+    """trainer_state.json: what a resume needs besides weights, optimizer, scheduler and RNG (build.Progress is its
+    live form). Written by `save_checkpoint`, read only by `read_trainer_state`."""
+    step: int                                  # steps done
+    samples_seen: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)        # data.PromptSampler position
+    kl_controller: dict[str, Any] = field(default_factory=dict)
+    reward_moments: Optional[dict[str, Any]] = None             # reward.normalize's running statistics
+    evaluation: dict[str, Any] = field(default_factory=dict)     # held-out "before" figures
+    alarms: Optional[dict[str, Any]] = None                      # alarms.AlarmMonitor state
+    world_size: Optional[int] = None           # processes that wrote it (their RNG states are in rng/)
+    config: dict[str, Any] = field(default_factory=dict)         # the resolved config of the run that wrote it
+    config_hash: Optional[str] = None
+    packages: dict[str, Optional[str]] = field(default_factory=dict)
+
+
+def read_trainer_state(folder: Path) -> TrainerState:
+    """The trainer state of a checkpoint folder. Keys this version does not know are ignored (a newer writer)."""
+    raw = json.loads((folder / "trainer_state.json").read_text())
+    known = {f.name for f in fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in raw.items() if k in known})
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -142,7 +167,7 @@ def load_engine_state(accelerator, engine, folder: Path) -> None:
                            load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
-def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: dict[str, Any], root: Path,
+def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: TrainerState, root: Path,
                     step: int, keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the final folder."""
     final = step_dir(root, step)
@@ -165,7 +190,7 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, trainer_state: di
         if not deepspeed:  # (a DeepSpeed optimizer's state_dict would be rank 0's shard only)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        write_json(tmp / "trainer_state.json", trainer_state)
+        write_json(tmp / "trainer_state.json", asdict(trainer_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_complete_marker(tmp, step)
@@ -221,7 +246,7 @@ def is_valid(folder: Path) -> Optional[str]:
         for name, size in expected.items():
             if actual.get(name) != size:
                 return f"{name} is {'missing' if name not in actual else f'{actual[name]} bytes, not {size}'}"
-        json.loads((folder / "trainer_state.json").read_text())
+        read_trainer_state(folder)
         load_file(str(folder / "value_head.safetensors"))
         load_file(str(folder / "adapter_model.safetensors"))
         if (folder / CRITIC_ADAPTER).is_dir():
@@ -298,9 +323,25 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return sorted(k for k in set(a) | set(b) if changed(k) and not _harmless(k))
 
 
-def load_checkpoint(path: Path, accelerator, policy, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the trainer state (with `rng_restored`)."""
-    state = json.loads((path / "trainer_state.json").read_text())
+def check_resumable(state: TrainerState, folder: Path, cfg: Config) -> None:
+    """Refuse a checkpoint whose config differs in keys that alter the run (unless allowed); warn when a changed
+    run.total_steps stretches the schedule."""
+    diff = config_differences(state.config, to_dict(cfg))
+    if diff and not cfg.checkpoint.allow_config_change:
+        raise ValueError(f"refusing to resume from {folder}: the config changed in keys that alter the "
+                         f"run: {', '.join(diff)}. Set checkpoint.allow_config_change=true to force it, or "
+                         f"checkpoint.resume=never with a new run.output_dir.")
+    saved_steps = state.config["run"]["total_steps"]
+    if saved_steps != cfg.run.total_steps and cfg.optim.scheduler != "constant":
+        log.warning("run.total_steps changed from %d to %d: the %s learning-rate schedule now spans the new "
+                    "length, so the run differs from one started with %d steps", saved_steps, cfg.run.total_steps,
+                    cfg.optim.scheduler, cfg.run.total_steps)
+
+
+def load_checkpoint(path: Path, accelerator, policy, optimizer, scheduler) -> tuple[TrainerState, bool]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the trainer state and whether the RNG was
+    restored (not when the number of processes changed)."""
+    state = read_trainer_state(path)
     if zero_stage(accelerator) is not None or (path / ENGINE).is_dir():
         load_engine_state(accelerator, policy, path)  # weights live in the engine's fp32 partitions too
     else:
@@ -308,11 +349,11 @@ def load_checkpoint(path: Path, accelerator, policy, optimizer, scheduler) -> di
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / "rng" / f"rank-{accelerator.process_index:05d}.pt"
-    state["rng_restored"] = state.get("world_size") == accelerator.num_processes and rng_file.is_file()
-    if state["rng_restored"]:
+    rng_restored = state.world_size == accelerator.num_processes and rng_file.is_file()
+    if rng_restored:
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         log.warning("resuming on %d process(es) from a checkpoint written by %s: the run continues correctly, but "
                     "it is no longer bit-exact with an uninterrupted run (random streams differ)",
-                    accelerator.num_processes, state.get("world_size"))
-    return state
+                    accelerator.num_processes, state.world_size)
+    return state, rng_restored

@@ -10,6 +10,7 @@
 - `generation_weights`: ZeRO-3 gathers the sharded policy once per rollout (or generates sharded with synced ranks).
 - `gathered_trainable`: ZeRO-3 gathers the trainable weights in full, to save or compare them.
 - `describe`: the strategy, precision and offload facts for run_info.json.
+- `reduce_mean`, `sum_reducer`, `any_rank`: the loop's small all-reduces (metrics, global statistics, stop flags).
 """
 
 from __future__ import annotations
@@ -231,3 +232,29 @@ def describe(accelerator) -> dict[str, Any]:
             **{k: ds.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                       "train_batch_size", "gradient_clipping")}}
     return info
+
+
+def reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Average per-rank scalars over ranks (ranks hold equal batch sizes, so this is the global mean)."""
+    if accelerator.num_processes == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def sum_reducer(accelerator):
+    """A `reduce_fn` for ppo_math's global statistics, or None on one process."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").to(t.device)
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True if `flag` is true on any rank (keeps ranks in lock-step when skipping an update)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+

@@ -1,12 +1,13 @@
 """The PPO training loop. Reads top to bottom; each step of one PPO iteration is numbered as in
-docs/ARCHITECTURE.md.
+docs/ARCHITECTURE.md. Steps 1-5 call train/experience.py and end in one `Experience`; step 6 is
+train/update.py; step 7's figures are train/metrics.py.
 
     setup: accelerator, preflight (configs, tokenizers, data: bad input fails before any weights load), models
-           (policy + value head, reference, reward), optimizer, resume
-    for each step:
+           (policy + value head, reference, reward), optimizer (train/build.py), resume
+    for each step (`run_steps`):
         1. prompts      this rank's shard of the shuffled prompt set
-        2. rollout      batched sampling from the policy (LoRA on)
-        3. reward       decode, re-tokenize for each classifier, score in length-sorted batches
+        2. rollout      batched sampling from the policy (LoRA on), decoded to text
+        3. reward       re-tokenize for each classifier, score in length-sorted batches
         4. reference    log-probs under the frozen reference; old log-probs and values under the policy
         5. advantages   per-token -beta*KL + score on the last token; GAE with the critic or a critic-free
                         estimator over the k responses per prompt; normalised over the global batch
@@ -25,93 +26,33 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
-from detoxrl.train import assets, checkpoint as ckpt
-from detoxrl.train.alarms import AlarmMonitor, response_signals
+from detoxrl.train import checkpoint as ckpt
 from detoxrl.train.atomic import atomic_directory
-from detoxrl.train.config import Config, PPOConfig, config_hash, to_dict, to_yaml
-from detoxrl.train.data import PromptSampler
-from detoxrl.train.devices import gpu_index, place_auxiliary
-from detoxrl.train.distributed import (accumulating, describe, fill_deepspeed_config, gathered_trainable,
-                                       generation_weights, make_accelerator, models_built_whole, zero_stage)
-from detoxrl.train.advantages import critic_free_advantages, decoupled_gae, value_clip_range
-from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, count_parameters, generate_rollouts,
-                                  reference_logprobs, resolve_device, resolve_dtype, sampling_mismatches)
-from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss,
-                                    entropy_from_logits, explained_variance, kl_estimate, logprobs_from_logits,
-                                    loss_denominator, masked_mean, masked_whiten, normalize_and_clip,
-                                    per_token_rewards, policy_loss, value_loss)
-from detoxrl.train.judges import Judge, build_judges, judge_step, reward_toxicity_term
-from detoxrl.train.preflight import preflight
-from detoxrl.train.reward import RewardModel, build_reward
-from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, sample_rows,
-                                    setup_logging, write_json)
+from detoxrl.train.build import Progress, Trainer, build_trainer
+from detoxrl.train.config import Config, config_hash
+from detoxrl.train.distributed import any_rank, describe, gathered_trainable, generation_weights, sum_reducer
+from detoxrl.train.experience import (Experience, advantages_and_returns, draw_max_new_tokens, forward_in_chunks,
+                                      sample_responses, shaped_scores)
+from detoxrl.train.heldout import compare_before_after, heldout_evaluation
+from detoxrl.train.judges import judge_step
+from detoxrl.train.metrics import global_kl, step_metrics
+from detoxrl.train.models import reference_logprobs
+from detoxrl.train.signals import StopRequest
+from detoxrl.train.tracking import PhaseTimer, RunLogger, package_versions, sample_rows, write_json
+from detoxrl.train.update import UpdateResult, loss_terms, ppo_update
 
 log = logging.getLogger("detoxrl.train")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many PPO steps in a row produced a NaN/inf loss."""
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-class StopRequest:
-    """Records SIGTERM / SIGINT / SIGUSR1 so the loop stops at the next step boundary, after a checkpoint.
-
-    A second SIGINT aborts at once (KeyboardInterrupt), and so does a SIGTERM after a SIGINT: that is how torchrun
-    (`accelerate launch`) relays a second Ctrl-C to its workers. Repeated SIGTERM / SIGUSR1 are only logged: SLURM
-    and launchers often deliver one request twice (to the process and through its parent).
-
-    A SIGINT that was ignored when training started stays ignored. A shell starts a background job (`cmd &`,
-    `nohup cmd &`, many CI runners) with SIGINT ignored so that Ctrl-C at the terminal does not reach it; POSIX
-    programs keep it that way (Python itself does not install its KeyboardInterrupt handler then), and so does the
-    trainer: such a job stops on SIGTERM or SIGUSR1. On exit every handler is restored to exactly what was found
-    (one that was not set from Python, which `signal.signal` cannot give back, becomes SIG_DFL).
-    """
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            for s in STOP_SIGNALS:
-                if s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN:
-                    continue  # a background job: Ctrl-C is not meant for it
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-    @property
-    def name(self) -> Optional[str]:
-        return signal.Signals(self.signum).name if self.signum is not None else None
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-            log.warning("received %s: finishing the current step, then writing a checkpoint and stopping (Ctrl-C "
-                        "again aborts at once)", self.name)
-        elif signum == signal.SIGINT or (signum == signal.SIGTERM and self.signum == signal.SIGINT):
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} after {self.name}: aborted")
-        else:
-            log.warning("received %s again: already stopping after this step", signal.Signals(signum).name)
 
 
 @dataclass
@@ -128,337 +69,267 @@ class RunResult:
     alarms_fired: Optional[dict[str, int]] = None  # alarm name -> the step it first fired
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------------------------
-class PhaseTimer:
-    """Wall seconds per phase; synchronises CUDA once per phase boundary so timings are honest."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+def train(cfg: Config) -> RunResult:
+    with StopRequest() as stop:
+        return _train(cfg, stop)
 
 
-def reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
-    """Average per-rank scalars over ranks (ranks hold equal batch sizes, so this is the global mean)."""
-    if accelerator.num_processes == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
-    t = accelerator.reduce(t, reduction="mean")
-    return dict(zip(keys, t.tolist()))
-
-
-def sum_reducer(accelerator):
-    """A `reduce_fn` for ppo_math's global statistics, or None on one process."""
-    if accelerator.num_processes == 1:
-        return None
-    return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").to(t.device)
-
-
-def any_rank(accelerator, flag: bool) -> bool:
-    """True if `flag` is true on any rank (keeps ranks in lock-step when skipping an update)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def draw_max_new_tokens(cfg: Config, step: int) -> int:
-    rng_range = cfg.generation.max_new_tokens_range
-    if rng_range is None:
-        return cfg.generation.max_new_tokens
-    # Seeded by (seed, step): the same on every rank and after a resume.
-    return int(np.random.default_rng([cfg.run.seed, step]).integers(rng_range[0], rng_range[1] + 1))
-
-
-def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float, want_values: bool = True,
-                      group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Old log-probs and values (B, T) of the sampled responses, without gradients (values 0 without a critic).
-    `chunk` rows at a time, a multiple of `group` (responses per prompt: seq2seq encodes each prompt once)."""
-    logps, values = [], []
-    with torch.no_grad():
-        for s in range(0, rollout.response_ids.shape[0], chunk):
-            sl = slice(s, s + chunk)
-            logits, v = policy(rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.response_ids[sl],
-                               want_values=want_values, group=group)
-            logps.append(logprobs_from_logits(logits, rollout.response_ids[sl], temperature).float())
-            values.append(v.float() if want_values else torch.zeros_like(logps[-1]))
-    return torch.cat(logps), torch.cat(values)
-
-
-def heldout_evaluation(policy, tokenizer, prompts: list[list[int]], prompt_texts: list[str], reward: RewardModel,
-                       cfg: Config, device: torch.device, synced_gpus: bool = False,
-                       judges: tuple[Judge, ...] | list[Judge] = ()) -> dict[str, Any]:
-    """Mean toxicity (the reward's classifier and every judge) and reward of held-out responses, sampled with a
-    fixed seed (does not disturb training RNG). Per-response values are kept, for intervals (detoxrl-eval compare)."""
-    term = reward.terms[cfg.evaluation.term]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.run.seed + 12345)
-        rollout = generate_rollouts(policy, prompts, tokenizer, cfg.generation, cfg.generation.max_new_tokens, device,
-                                    synced_gpus)
-    responses = decode_responses(tokenizer, rollout)
-    toxicity = term.label_probability(responses, cfg.evaluation.toxic_label)
-    total, _ = reward.score(prompt_texts, responses)
-    judged = {j.name: j.toxicity(responses) for j in judges}
-    return {"toxicity_mean": toxicity.mean().item(), "toxicity_std": toxicity.std().item() if len(responses) > 1
-            else 0.0, "reward_mean": total.mean().item(), "num_samples": len(responses),
-            "toxicity_values": toxicity.tolist(), "reward_values": total.tolist(),
-            "judges": {name: {"label": j.cfg.label, "threshold": j.cfg.threshold, "mean": v.mean().item(),
-                              "std": v.std().item() if len(responses) > 1 else 0.0, "values": v.tolist()}
-                       for (name, v), j in zip(judged.items(), judges)},
-            "prompts": prompt_texts, "responses": responses,
-            "samples": [{"prompt": p, "response": r, "toxicity": t}
-                        for p, r, t in zip(prompt_texts[:8], responses[:8], toxicity[:8].tolist())]}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 6. The PPO update (a function of its own: the distributed equivalence test calls it on a fixed rollout)
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class UpdateBatch:
-    """This rank's share of a step's rollouts, as the PPO update reads them; every tensor has B rows."""
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    response_ids: torch.Tensor
-    mask: torch.Tensor             # (B, T) float: 1 on real response tokens
-    old_logp: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    ref_logp: Optional[torch.Tensor] = None  # for a KL loss term (ppo.kl.mode: loss)
-
-
-@dataclass
-class LossTerms:
-    """What one step's loss is made of (fixed for the step; the defaults are plain PPO with a critic)."""
-    value: bool = True                   # a critic is trained (ppo.estimator: gae)
-    value_clip: Optional[float] = 0.2    # the step's value clip range (critic.value_clip), None = off
-    policy: bool = True                  # False during critic.warmup_steps: the policy's terms weigh 0, no step
-    kl_coef: float = 0.0                 # > 0: kl_coef x KL(policy || ref) as a loss term (ppo.kl.mode: loss)
-    kl_estimator: str = "k3"
-    aggregation: str = "token_mean"      # ppo.loss_aggregation
-    norm_constant: Optional[float] = None  # its constant for token_sum_norm
-
-
-@dataclass
-class UpdateResult:
-    stats: dict[str, list[float]]  # one entry per micro-batch (grad_norm: per optimizer step)
-    skipped: int                   # mini-batches skipped on every rank (non-finite loss, or ratio over threshold)
-    nonfinite: int                 # ... of which for a non-finite loss
-
-
-def micro_batch_loss(policy, batch: UpdateBatch, ids: torch.Tensor, ppo: PPOConfig, temperature: float,
-                     terms: LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy [+ kl_coef * KL], each aggregated
-    over `ids` as `terms.aggregation` says (the caller rescales to the global mini-batch)."""
-    logits, values = policy(batch.prompt_ids[ids], batch.prompt_mask[ids], batch.response_ids[ids],
-                            want_values=terms.value)
-    m = batch.mask[ids]
-    agg, const = terms.aggregation, terms.norm_constant
-    logp = logprobs_from_logits(logits, batch.response_ids[ids], temperature).float()
-    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[ids], batch.advantages[ids], m, ppo.clip_range, agg, const)
-    policy_weight = 1.0 if terms.policy else 0.0  # a zero weight keeps the policy's parameters in the graph (DDP)
-    # the entropy of the distribution sampled from (tempered); without gradients when it is only logged
-    with torch.enable_grad() if ppo.entropy_coef and terms.policy else torch.no_grad():
-        entropy = aggregate_loss(entropy_from_logits(logits.float() / temperature), m, agg, const)
-    loss = policy_weight * (pg_loss - ppo.entropy_coef * entropy)
-    stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg_stats["clipfrac"],
-             "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"]}
-    if terms.kl_coef > 0:
-        kl_loss = aggregate_loss(kl_estimate(logp, batch.ref_logp[ids], terms.kl_estimator), m, agg, const)
-        loss = loss + policy_weight * terms.kl_coef * kl_loss
-        stats["kl_loss"] = kl_loss
-    if terms.value:
-        vf_loss, vf_stats = value_loss(values.float(), batch.old_values[ids], batch.returns[ids], m, terms.value_clip,
-                                       agg, const)
-        loss = loss + ppo.vf_coef * vf_loss
-        stats.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
-    stats["loss"] = loss
-    return loss, stats
-
-
-@contextmanager
-def policy_held(optimizer, scheduler, deepspeed: bool, hold: bool) -> Iterator[Callable[[], None]]:
-    """During critic warm-up: the policy's parameter group takes no step. Yields a callable to run before every
-    optimizer step (DeepSpeed steps inside the last backward, so it runs at each mini-batch's start there too).
-    Without DeepSpeed the policy's gradients are dropped, so AdamW leaves its state alone; DeepSpeed's flat
-    partitions step as a whole, so the group's learning rate is 0 instead. The schedule's rate is restored after."""
-    groups = [g for g in optimizer.param_groups if g.get("name") == "policy"]
-    if not hold or not groups:
-        yield lambda: None
-        return
-
-    def hold_now() -> None:
-        for g in groups:
-            g["lr"] = 0.0
-            if not deepspeed:
-                for p in g["params"]:
-                    p.grad = None
-
+def _train(cfg: Config, stop: StopRequest) -> RunResult:
+    t, progress = build_trainer(cfg)                         # setup
+    resume_from = resume(t, progress)
+    start_step = progress.step
+    write_run_info(t, resume_from)
+    if cfg.evaluation.before_after and "before" not in progress.evaluation:
+        evaluate_heldout(t, progress, "before")
+    # Sampling differs per rank (different prompts AND different random streams); model init was identical.
+    if resume_from is None:
+        torch.manual_seed(cfg.run.seed + 1 + t.rank)
+    logger = RunLogger(t.out, t.is_main, cfg.run.total_steps, start_step, cfg.logging.tensorboard,
+                       cfg.logging.progress_bar)
+    history: list[dict[str, float]] = []
     try:
-        yield hold_now
+        stopped_by = run_steps(t, progress, stop, logger, history)
     finally:
-        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            g["lr"] = lr
+        logger.close()
+    if stopped_by is not None:
+        t.accelerator.wait_for_everyone()
+        t.accelerator.end_training()
+        return RunResult(t.out, progress.step, None, history, None, t.unwrapped, stopped_by=stopped_by,
+                         is_main=t.is_main, alarm_stop=stopped_by.startswith("alarm"),
+                         alarms_fired=dict(progress.monitor.first_fired))
+    return finish(t, progress, start_step, logger, history)
 
 
-def agree_to_skip(accelerator, loss: torch.Tensor, ratio_mean: torch.Tensor, threshold: float) -> tuple[bool, bool]:
-    """(skip, non-finite): whether ANY rank saw a non-finite loss or a mean ratio over `threshold`. One all-reduce,
-    so every rank takes the same decision and collectives stay in lock-step."""
-    flags = torch.tensor([float(not torch.isfinite(loss).item()), float(ratio_mean.item() > threshold)],
-                         device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, reduction="sum")
-    return bool(flags.sum().item() > 0), bool(flags[0].item() > 0)
+def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogger,
+              history: list[dict[str, float]]) -> Optional[str]:
+    """The PPO iterations from `progress.step` on; returns what stopped them early (None: all done)."""
+    cfg, accelerator, policy, prompts = t.cfg, t.accelerator, t.policy, t.inputs.prompts
+    k, temp, reduce_fn = cfg.ppo.k, cfg.generation.temperature, sum_reducer(accelerator)
+    nonfinite_in_row = 0
+    for step in range(progress.step, cfg.run.total_steps):
+        timer = PhaseTimer(t.device)
+        t_step = time.perf_counter()
+
+        # 1. prompts: this rank's shard of the global batch (batch_size / k prompts)
+        idx = progress.sampler.next_indices()
+        texts = [prompts.texts[i] for i in idx for _ in range(k)]  # one per response
+
+        # 2. rollout: batched sampling, chunked by generation.rollout_batch_size; k responses per prompt; decoded
+        with timer("time/generate"), generation_weights(accelerator, policy,
+                                                        cfg.generation.zero3_gather_weights) as synced:
+            rollout, responses = sample_responses(t.unwrapped, [prompts.input_ids[i] for i in idx],
+                                                  t.inputs.tokenizer, cfg.generation, draw_max_new_tokens(cfg, step),
+                                                  t.device, synced, k=k)
+        mask = rollout.response_mask.float()
+
+        # 3. reward: response text re-tokenized by each classifier; scored in length-sorted batches
+        with timer("time/reward"):
+            raw_scores, term_scores = t.reward.score(texts, responses)
+            scores = shaped_scores(cfg, raw_scores, rollout.ended, progress.moments, reduce_fn, t.device)
+
+        # 4. reference log-probs (frozen starting policy), then old log-probs and values of the policy
+        with timer("time/reference"):
+            ref_logp = reference_logprobs(t.unwrapped, t.reference, rollout.prompt_ids, rollout.prompt_mask,
+                                          rollout.response_ids, temp, forward=policy, group=k)
+        with timer("time/old_logprobs"):
+            old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
+                                                     want_values=cfg.ppo.estimator == "gae", group=k)
+
+        # 5. advantages: per-token rewards (-beta*KL unless the KL is a loss term, + the score on the last
+        #    token); GAE with the critic, or a critic-free estimator; normalised over the global batch
+        advantages, returns, kl = advantages_and_returns(cfg, scores, old_logp, ref_logp, old_values, mask,
+                                                         progress.kl_ctl.value, reduce_fn)
+        exp = Experience(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, mask, old_logp, old_values,
+                         advantages, returns, ref_logp, ended=rollout.ended, prompt_indices=idx, prompt_texts=texts,
+                         responses=responses, raw_scores=raw_scores, term_scores=term_scores, scores=scores, kl=kl)
+        terms = loss_terms(cfg, step, progress.kl_ctl.value, returns, mask, reduce_fn)
+
+        # 6. PPO epochs over shuffled mini-batches; micro-batches accumulate gradients (during the critic's
+        #    warm-up the policy's parameters take no step)
+        with timer("time/ppo_update"):
+            update = ppo_update(accelerator, policy, t.optimizer, t.scheduler, exp, cfg.ppo, temp,
+                                shuffle_seed=cfg.run.seed * 100003 + step, terms=terms)
+        debug_record(f"rank-{t.rank:05d}.jsonl", {
+            "step": step + 1, "rank": t.rank, "prompt_indices": idx, "response_lengths":
+            rollout.response_mask.sum(1).tolist(), "loss": update.stats["loss"], "skipped": update.skipped})
+        nonfinite_in_row = check_skipped(cfg, step, update, nonfinite_in_row)
+
+        # 7. bookkeeping: KL controller, metrics reduced over ranks, samples, alarms, checkpoint
+        with timer("time/judges"):
+            judged, reward_tox = judge_step(t.judges, t.tox_term, cfg.evaluation.toxic_label, responses)
+        kl_coef_used = progress.kl_ctl.value
+        progress.kl_ctl.update(global_kl(accelerator, exp), cfg.ppo.batch_size * t.world)
+        progress.samples_seen += cfg.ppo.batch_size * t.world
+        metrics = step_metrics(accelerator, exp, update, terms, kl_coef_used, t.reward, t.judges, judged,
+                               reward_tox, cfg.generation.min_new_tokens, timer.seconds,
+                               time.perf_counter() - t_step, t.scheduler.get_last_lr())
+        progress.step = done = step + 1
+        firing = progress.monitor.update(done, metrics)  # adds alarm/* to metrics; identical on every rank
+        log_step(t, logger, done, metrics, exp, judged)
+        history.append({"step": done, **metrics})
+        stopped_by = checkpoint_or_stop(t, progress, logger, stop, firing)
+        if stopped_by is not None:
+            return stopped_by
+    return None
 
 
-def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, ppo: PPOConfig, temperature: float,
-               shuffle_seed: int, terms: Optional[LossTerms] = None) -> UpdateResult:
-    """PPO epochs over shuffled mini-batches of this rank's rollouts; micro-batches accumulate gradients.
-
-    All ranks run the same mini-batches and micro-batches and take the same skip decisions. Each loss is a token
-    mean over the GLOBAL mini-batch (all ranks, all its micro-batches): the update is the same however the batch is
-    split across ranks and micro-batches (DDP and DeepSpeed average gradients over ranks, and accumulation divides by
-    the number of micro-batches, so a micro-batch's token mean is rescaled by its share of the global tokens).
-    """
-    terms = terms or LossTerms()
-    with policy_held(optimizer, scheduler, zero_stage(accelerator) is not None, not terms.policy) as hold:
-        return _ppo_epochs(accelerator, policy, optimizer, scheduler, batch, ppo, temperature, shuffle_seed, terms,
-                           hold)
-
-
-def _ppo_epochs(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, ppo: PPOConfig, temperature: float,
-                shuffle_seed: int, terms: LossTerms, hold: Callable[[], None]) -> UpdateResult:
-    deepspeed = zero_stage(accelerator) is not None
-    world, gas = accelerator.num_processes, ppo.gradient_accumulation_steps
-    micro = ppo.mini_batch_size // gas
-    params = [p for p in policy.parameters() if p.requires_grad]
-    reduce_fn = sum_reducer(accelerator)
-    stats: dict[str, list[float]] = {k: [] for k in (
-        "policy_loss", "value_loss", "loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac", "ratio_mean",
-        "kl_loss", "grad_norm")}
-    skipped = nonfinite = 0
-    shuffle = torch.Generator().manual_seed(shuffle_seed)  # same on every rank
-    B = batch.response_ids.shape[0]
-    agg, const = terms.aggregation, terms.norm_constant
-    for _ in range(ppo.ppo_epochs):
-        order = torch.randperm(B, generator=shuffle).to(batch.mask.device)
-        minibatches = [order[s:s + ppo.mini_batch_size] for s in range(0, B, ppo.mini_batch_size)]
-        # each loss is normalised by the GLOBAL mini-batch's tokens (or responses): one all-reduce per epoch
-        denominators = torch.stack([loss_denominator(batch.mask[mb], agg, const) for mb in minibatches])
-        global_denominators = (reduce_fn(denominators) if reduce_fn else denominators).tolist()
-        for mb, n_global in zip(minibatches, global_denominators):
-            if deepspeed:  # (critic warm-up) the engine steps inside the mini-batch's last backward
-                hold()
-            micro_batches = [mb[s:s + micro] for s in range(0, len(mb), micro)]
-            bad = bad_nonfinite = False
-            # DeepSpeed cannot drop gradients it has already reduced part-way through an accumulation, so with
-            # several micro-batches the skip decision comes first, from a forward pass without gradients.
-            decide_first = deepspeed and gas > 1
-            if decide_first:
-                with torch.no_grad():
-                    for ids in micro_batches:
-                        loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature, terms)
-                        bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
-                        if bad:
-                            break
-            for i, ids in enumerate(micro_batches):
-                if bad:
-                    break
-                with accumulating(accelerator, policy, boundary=i == len(micro_batches) - 1):
-                    loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature, terms)
-                    if not decide_first:
-                        bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
-                        if bad:
-                            break
-                    share = loss_denominator(batch.mask[ids], agg, const).item() * world * gas / n_global
-                    accelerator.backward(loss * share)  # / gas (accelerate or the engine); mean over ranks
-                for k, v in st.items():
-                    stats[k].append(float(v.detach()))
-            if bad:  # skip the whole mini-batch on every rank
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                nonfinite += int(bad_nonfinite)
-                continue
-            if not deepspeed:  # (critic warm-up) drop the policy's gradients before the step
-                hold()
-            if deepspeed:  # the engine clipped (gradient_clipping) and stepped in the last backward
-                grad_norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or 0.0)
-            elif ppo.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm)
-            else:
-                grad_norm = None
-            if grad_norm is not None:
-                stats["grad_norm"].append(float(grad_norm))
-            optimizer.step()  # a no-op under DeepSpeed
-            if not optimizer.step_was_skipped:  # fp16 overflow: no update, so the schedule does not advance either
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(stats, skipped, nonfinite)
+def checkpoint_or_stop(t: Trainer, progress: Progress, logger: RunLogger, stop: StopRequest,
+                       firing: list[str]) -> Optional[str]:
+    """After step `progress.step`: a checkpoint every checkpoint.every_steps (the last step's is written by
+    `finish`); a stop (returns why) when any rank got a stop request or an alarm with alarms.action=stop fired."""
+    cfg, done = t.cfg, progress.step
+    saved = bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+    if saved and done < cfg.run.total_steps:
+        save(t, progress, logger, done)
+    # a stop request on any rank stops every rank here, after the same step (one tiny all-reduce); so does
+    # an alarm with alarms.action=stop (the same decision on every rank: it reads reduced metrics)
+    alarm_stop = progress.monitor.should_stop(firing)
+    if done < cfg.run.total_steps and (alarm_stop or any_rank(t.accelerator, stop.signum is not None)):
+        stopped_by = f"alarm {', '.join(firing)}" if alarm_stop else (stop.name or "a signal on another rank")
+        path = ckpt.step_dir(t.out / "checkpoints", done) if saved else save(t, progress, logger, done)
+        log.warning("stopped after step %d of %d (%s); checkpoint %s. Run the same command again to resume.",
+                    done, cfg.run.total_steps, stopped_by, path)
+        return stopped_by
+    return None
 
 
-def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device], Optional[torch.device]]:
-    """Devices of the reward terms and of the reference copy (None when shared) for this rank (train/devices.py)."""
-    copy_ref = cfg.reference.mode == "copy"
-    requested = [t.device for t in cfg.reward.terms] + ([cfg.reference.device] if copy_ref else [])
-    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0  # a CPU run keeps `auto` on the CPU
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    names = place_auxiliary(requested, n_gpus, local_ranks, str(device))
-    own = gpu_index(str(device))
-    for key, name in zip([f"reward.terms.{i}.device" for i in range(len(cfg.reward.terms))] + ["reference.device"],
-                         names):
-        other = gpu_index(name)
-        if other is not None and other < local_ranks and other != own:
-            log.warning("%s=%s is also the GPU of training rank %d of this machine; it competes with that rank for "
-                        "memory and time", key, name, other)
-    devices = [resolve_device(n, device) for n in names]
-    return devices[:len(cfg.reward.terms)], (devices[-1] if copy_ref else None)
+def check_skipped(cfg: Config, step: int, update: UpdateResult, nonfinite_in_row: int) -> int:
+    """Warn about skipped mini-batches; stop after run.max_nonfinite_steps steps in a row with a non-finite loss.
+    Returns the new count of such steps in a row."""
+    if update.nonfinite:
+        nonfinite_in_row += 1
+        log.warning("step %d: %d mini-batch(es) had a non-finite loss and were skipped (%d step(s) in a "
+                    "row)", step + 1, update.nonfinite, nonfinite_in_row)
+        if nonfinite_in_row >= cfg.run.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{nonfinite_in_row} PPO steps in a row had non-finite losses (run.max_nonfinite_steps="
+                f"{cfg.run.max_nonfinite_steps}); stopping. The last checkpoint and the weights before "
+                f"these steps are kept. Lower optim.lr or check the reward model's outputs.")
+        return nonfinite_in_row
+    if update.skipped:
+        log.warning("step %d: skipped %d mini-batch(es) whose mean ratio exceeded ppo.ratio_threshold=%g",
+                    step + 1, update.skipped, cfg.ppo.ratio_threshold)
+    return 0
 
 
-def build_rewards_on(cfg: Config, devices: list[torch.device], policy_dtype: torch.dtype) -> RewardModel:
-    """Every reward term on its own device, in its dtype (`auto`: the policy's on a GPU, float32 on the CPU)."""
-    dtypes = [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (policy_dtype if dev.type == "cuda" else torch.float32)
-              for t, dev in zip(cfg.reward.terms, devices)]
-    return build_reward(cfg.reward.terms, assets.resolve, devices, dtypes)
+def log_step(t: Trainer, logger: RunLogger, done: int, metrics: dict[str, float], exp: Experience,
+             judged: dict[str, Any]) -> None:
+    """Scalars every logging.log_every steps (and the last), sample rows every logging.sample_every, progress."""
+    cfg = t.cfg
+    if done % cfg.logging.log_every == 0 or done == cfg.run.total_steps:
+        logger.scalars(done, metrics)
+    if cfg.logging.sample_every and done % cfg.logging.sample_every == 0:
+        # one reference per response (k per prompt)
+        references = [t.inputs.prompts.references[i] for i in exp.prompt_indices for _ in range(cfg.ppo.k)] \
+            if cfg.data.reference_field else None
+        logger.samples(done, sample_rows(exp.prompt_texts, references, exp.responses, exp.raw_scores,
+                                         exp.term_scores, t.reward, judged)[:cfg.logging.num_samples])
+    logger.progress(done, metrics["env/reward_mean"], metrics["objective/kl"])
 
 
-def param_groups(policy, cfg: Config) -> list[dict[str, Any]]:
-    """The policy's trainable parameters, then the critic's (value head, critic adapter) at `critic.lr`."""
-    critic_ids = {id(p) for p in policy.critic_parameters()}
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    groups = [{"name": "policy", "params": [p for p in trainable if id(p) not in critic_ids]},
-              {"name": "critic", "params": [p for p in trainable if id(p) in critic_ids],
-               "lr": cfg.critic.lr or cfg.optim.lr}]
-    return [g for g in groups if g["params"]]
+# --------------------------------------------------------------------------------------------------------------
+# Resume, checkpoints, run_info, held-out evaluation, finish
+# --------------------------------------------------------------------------------------------------------------
+def resume(t: Trainer, progress: Progress) -> Optional[Path]:
+    """Restore weights, optimizer, schedule, RNG and `progress` from the checkpoint checkpoint.resume picks (rank 0
+    cleans up and chooses; every rank then loads the same folder). Returns that folder, or None."""
+    cfg = t.cfg
+    from accelerate.utils import broadcast_object_list
+    found = [ckpt.find_resume_checkpoint(t.out / "checkpoints", cfg.checkpoint.resume, t.is_main)
+             if t.is_main else None]
+    if t.world > 1:
+        broadcast_object_list(found)
+    resume_from = found[0]
+    if resume_from is not None:
+        ckpt.check_resumable(ckpt.read_trainer_state(resume_from), resume_from, cfg)
+        t_load = time.perf_counter()
+        state, rng_restored = ckpt.load_checkpoint(resume_from, t.accelerator, t.policy, t.optimizer, t.scheduler)
+        if not rng_restored:  # other world size: still reproducible, from (seed, rank, step)
+            torch.manual_seed(cfg.run.seed + 1 + t.rank + 1_000_003 * state.step)
+        progress.restore(state)
+        log.info("resumed from %s at step %d (%d samples seen; loaded in %.2f s)", resume_from, progress.step,
+                 progress.samples_seen, time.perf_counter() - t_load)
+    if progress.step >= cfg.run.total_steps:
+        log.info("nothing to do: already at step %d of %d", progress.step, cfg.run.total_steps)
+    return resume_from
 
 
-def loss_terms(cfg: Config, step: int, kl_coef: float, returns: torch.Tensor, mask: torch.Tensor,
-               reduce_fn) -> LossTerms:
-    """This step's loss terms: critic or not, the value clip range, warm-up, the KL loss, the aggregation."""
-    p, c = cfg.ppo, cfg.critic
-    value = p.estimator == "gae"
-    max_new = max(cfg.generation.max_new_tokens, (cfg.generation.max_new_tokens_range or [0, 0])[1])
-    return LossTerms(
-        value=value, value_clip=value_clip_range(c.value_clip, c.value_clip_range, returns, mask, reduce_fn)
-        if value else None, policy=step >= c.warmup_steps,
-        kl_coef=kl_coef if p.kl.mode == "loss" else 0.0, kl_estimator=p.kl.estimator,
-        aggregation=p.loss_aggregation, norm_constant=float(p.loss_norm_constant or max_new))
+def save(t: Trainer, progress: Progress, logger: RunLogger, step_done: int) -> Path:
+    """Collective: a checkpoint of `step_done` steps (every rank calls it)."""
+    logger.flush()  # the curves up to a checkpoint survive a later kill -9
+    t0 = time.perf_counter()
+    path = ckpt.save_checkpoint(t.accelerator, t.policy, t.optimizer, t.scheduler,
+                                progress.state(step_done, t.cfg, t.world), t.out / "checkpoints", step_done,
+                                t.cfg.checkpoint.keep_last)
+    if t.is_main:
+        log.info("checkpoint %s written in %.2f s (%.1f MB)", path, time.perf_counter() - t0,
+                 sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6)
+    return path
+
+
+def write_run_info(t: Trainer, resume_from: Optional[Path]) -> None:
+    """run_info.json: strategy, devices of every rank, dtypes, parameter counts, packages."""
+    device, reference, reward = t.device, t.reference, t.reward
+    devices = {"policy": str(device), "reference": str(reference.device) if reference else f"{device} (shared base)",
+               "reward": {term.name: str(term.device) for term in reward.terms}}
+    if t.world > 1:
+        from accelerate.utils import gather_object
+        devices_by_rank = gather_object([devices])
+    if t.is_main:
+        write_json(t.out / "run_info.json", {
+            **describe(t.accelerator), "policy_kind": t.inputs.kind, "policy_dtype": str(t.dtype),
+            "reward_dtypes": {term.name: str(term.model.dtype) for term in reward.terms},
+            "reference_dtype": str(next(reference.lm.parameters()).dtype) if reference else str(t.dtype),
+            "quantization": t.cfg.policy.quantization, "devices": devices,
+            "devices_by_rank": devices_by_rank if t.world > 1 else [devices],
+            "parameters": {"total": t.parameters[0], "trainable": t.parameters[1]},
+            "packages": package_versions(), "config_hash": config_hash(t.cfg),
+            "resumed_from": str(resume_from) if resume_from else None})
+
+
+def evaluate_heldout(t: Trainer, progress: Progress, when: str) -> dict[str, Any]:
+    """progress.evaluation[when] ("before" | "after"): the held-out figures of the policy as it is now."""
+    held = t.inputs.heldout
+    n = min(t.cfg.evaluation.num_samples, len(held))
+    with generation_weights(t.accelerator, t.policy, t.cfg.generation.zero3_gather_weights) as synced:
+        progress.evaluation[when] = heldout_evaluation(t.unwrapped, t.inputs.tokenizer, held.input_ids[:n],
+                                                       held.texts[:n], t.reward, t.cfg, t.device, synced, t.judges)
+    if when == "before":
+        log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts)",
+                 progress.evaluation["before"]["toxicity_mean"], progress.evaluation["before"]["reward_mean"], n)
+        if t.is_main:  # on disk now: a run stopped early (signal, alarm) still has its starting point
+            write_json(t.out / "eval_before_after.json", progress.evaluation)
+    return progress.evaluation[when]
+
+
+def finish(t: Trainer, progress: Progress, start_step: int, logger: RunLogger,
+           history: list[dict[str, float]]) -> RunResult:
+    """The last checkpoint, final/ (adapter, value head, tokenizer), and the before/after comparison."""
+    cfg = t.cfg
+    steps_done = max(start_step, cfg.run.total_steps)
+    if cfg.checkpoint.every_steps and start_step < cfg.run.total_steps:  # else resumed from this very checkpoint
+        save(t, progress, logger, steps_done)
+    final_dir = t.out / "final"
+    with gathered_trainable(t.accelerator, t.policy):  # collective under ZeRO-3: every rank gathers, rank 0 writes
+        if t.is_main:
+            with atomic_directory(final_dir) as tmp:
+                ckpt.save_policy_files(t.unwrapped, tmp)
+                t.inputs.tokenizer.save_pretrained(str(tmp))
+        if os.environ.get("DETOXRL_DEBUG_DIR"):  # test hook: every rank's copy of the trainable weights
+            from safetensors.torch import save_file
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in t.unwrapped.trainable_state_dict().items()},
+                      str(Path(os.environ["DETOXRL_DEBUG_DIR"]) / f"rank-{t.rank:05d}-trainable.safetensors"))
+    evaluation = progress.evaluation
+    if cfg.evaluation.before_after:
+        evaluate_heldout(t, progress, "after")
+        summary = compare_before_after(evaluation)
+        if t.is_main:
+            write_json(t.out / "eval_before_after.json", evaluation)
+            print(summary, flush=True)
+    t.accelerator.wait_for_everyone()
+    t.accelerator.end_training()
+    return RunResult(t.out, steps_done, final_dir, history, evaluation or None, t.unwrapped, is_main=t.is_main,
+                     alarms_fired=dict(progress.monitor.first_fired))
 
 
 def debug_record(name: str, record: dict[str, Any]) -> None:
@@ -468,370 +339,3 @@ def debug_record(name: str, record: dict[str, Any]) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with open(Path(folder) / name, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------------------
-def train(cfg: Config) -> RunResult:
-    with StopRequest() as stop:
-        return _train(cfg, stop)
-
-
-def _train(cfg: Config, stop: StopRequest) -> RunResult:
-    # ---- setup --------------------------------------------------------------------------------------------
-    accelerator = make_accelerator(cfg.run.device, cfg.ppo.gradient_accumulation_steps)
-    if cfg.run.cpu_threads:  # after the accelerator, which sets its own count for multi-CPU runs
-        torch.set_num_threads(cfg.run.cpu_threads)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    setup_logging(is_main)
-    device = accelerator.device
-    out = Path(cfg.run.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)  # the same start whatever ran before in this process (resumes restore all three)
-    np.random.seed(cfg.run.seed)
-
-    # rank 0 builds the demo assets / downloads; others then read the cache. Models whole: under ZeRO-3 transformers
-    # would otherwise load them inside zero.Init, whose collectives deadlock against the waiting ranks.
-    with accelerator.main_process_first(), models_built_whole(accelerator):
-        inputs = preflight(cfg)  # configs, tokenizers and data only: bad input fails here, before any weights load
-    policy_path, kind, tokenizer, prompts = inputs.policy_path, inputs.kind, inputs.tokenizer, inputs.prompts
-    k = cfg.ppo.k  # responses per prompt: a rank samples all k of its prompts (groups never straddle ranks)
-    sampler = PromptSampler(len(prompts), cfg.ppo.batch_size // k, rank, world, cfg.run.seed)
-    log.info("%d training prompts (%s, split %s), %d process(es), global batch %d responses (%d per prompt)",
-             len(prompts), cfg.data.dataset, cfg.data.split, world, cfg.ppo.batch_size * world, k)
-    if is_main:
-        for why in sampling_mismatches(cfg.generation):
-            log.warning("sampling and scoring distributions differ: %s; the PPO update is off-policy by that much",
-                        why)
-
-    stage = zero_stage(accelerator)  # None unless DeepSpeed
-    if stage == 3 and cfg.policy.quantization:
-        raise ValueError("policy.quantization (bitsandbytes) cannot be combined with DeepSpeed ZeRO-3, which shards "
-                         "the weights: use the ddp or zero2 strategy")
-    dtype = resolve_dtype(cfg.policy.dtype, device, accelerator.mixed_precision)
-    shared_ref = cfg.reference.mode == "shared"
-    reward_devices, reference_device = place_models(cfg, device)
-    with models_built_whole(accelerator):
-        policy = build_policy(cfg.policy, policy_path, kind, device, dtype, shared_ref, cfg.run.seed, cfg.critic)
-        reference = None if shared_ref else build_reference_copy(
-            cfg.policy, cfg.reference, policy_path, kind, reference_device, dtype)
-        reward = build_rewards_on(cfg, reward_devices, dtype)
-        # judges sit with the reward classifier that measures toxicity; float32 unless that device is a GPU
-        judge_device = reward_devices[cfg.evaluation.term]
-        judges = build_judges(cfg.judges, assets.resolve, judge_device,
-                              dtype if judge_device.type == "cuda" else torch.float32)
-        tox_term = reward_toxicity_term(reward, cfg)
-    total_params, trainable_params = count_parameters(policy)
-    log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, kind, dtype,
-             f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
-
-    from transformers import get_scheduler
-    critic_free = cfg.ppo.estimator != "gae"
-    if critic_free:  # no value loss: the head stays as it is and out of the optimizer (and of DDP's buckets)
-        policy.v_head.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(policy, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
-                                  eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
-    minibatches = cfg.ppo.batch_size // cfg.ppo.mini_batch_size
-    scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                              num_training_steps=cfg.run.total_steps * cfg.ppo.ppo_epochs * minibatches)
-    if stage is not None:
-        fill_deepspeed_config(accelerator, cfg.ppo.mini_batch_size, cfg.ppo.gradient_accumulation_steps,
-                              cfg.ppo.max_grad_norm, policy.v_head.in_features)
-    # the scheduler is NOT prepared: it steps once per optimizer step we take, identically in every strategy
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    unwrapped = accelerator.unwrap_model(policy)
-
-    kl_ctl = (AdaptiveKLController(cfg.ppo.kl.init_coef, cfg.ppo.kl.target, cfg.ppo.kl.horizon) if cfg.ppo.kl.adaptive
-              else FixedKLController(cfg.ppo.kl.init_coef))
-    moments = RunningMoments() if cfg.reward.normalize else None
-    start_step, samples_seen, nonfinite_in_row, evaluation = 0, 0, 0, {}
-    monitor = AlarmMonitor(cfg.alarms)
-
-    # ---- resume ---------------------------------------------------------------------------------------------
-    ckpt_root = out / "checkpoints"
-    # Rank 0 cleans up and chooses; every rank then loads the same folder.
-    from accelerate.utils import broadcast_object_list
-    found = [ckpt.find_resume_checkpoint(ckpt_root, cfg.checkpoint.resume, is_main) if is_main else None]
-    if world > 1:
-        broadcast_object_list(found)
-    resume_from = found[0]
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        diff = ckpt.config_differences(state["config"], to_dict(cfg))
-        if diff and not cfg.checkpoint.allow_config_change:
-            raise ValueError(f"refusing to resume from {resume_from}: the config changed in keys that alter the "
-                             f"run: {', '.join(diff)}. Set checkpoint.allow_config_change=true to force it, or "
-                             f"checkpoint.resume=never with a new run.output_dir.")
-        if state["config"]["run"]["total_steps"] != cfg.run.total_steps and cfg.optim.scheduler != "constant":
-            log.warning("run.total_steps changed from %d to %d: the %s learning-rate schedule now spans the new "
-                        "length, so the run differs from one started with %d steps", state["config"]["run"][
-                            "total_steps"], cfg.run.total_steps, cfg.optim.scheduler, cfg.run.total_steps)
-        t_load = time.perf_counter()
-        state = ckpt.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler)
-        start_step, samples_seen = state["step"], state["samples_seen"]
-        if not state["rng_restored"]:  # other world size: still reproducible, from (seed, rank, step)
-            torch.manual_seed(cfg.run.seed + 1 + rank + 1_000_003 * start_step)
-        sampler.load_state_dict(state["sampler"])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        if moments is not None and state.get("reward_moments"):
-            moments.load_state_dict(state["reward_moments"])
-        evaluation = state.get("evaluation", {})
-        monitor.load_state_dict(state.get("alarms"))
-        log.info("resumed from %s at step %d (%d samples seen; loaded in %.2f s)", resume_from, start_step,
-                 samples_seen, time.perf_counter() - t_load)
-    if start_step >= cfg.run.total_steps:
-        log.info("nothing to do: already at step %d of %d", start_step, cfg.run.total_steps)
-
-    devices = {"policy": str(device), "reference": str(reference.device) if reference else f"{device} (shared base)",
-               "reward": {t.name: str(t.device) for t in reward.terms}}
-    if world > 1:
-        from accelerate.utils import gather_object
-        devices_by_rank = gather_object([devices])
-    if is_main:
-        write_json(out / "run_info.json", {
-            **describe(accelerator), "policy_kind": kind, "policy_dtype": str(dtype),
-            "reward_dtypes": {t.name: str(t.model.dtype) for t in reward.terms},
-            "reference_dtype": str(next(reference.lm.parameters()).dtype) if reference else str(dtype),
-            "quantization": cfg.policy.quantization, "devices": devices,
-            "devices_by_rank": devices_by_rank if world > 1 else [devices],
-            "parameters": {"total": total_params, "trainable": trainable_params},
-            "packages": package_versions(), "config_hash": config_hash(cfg),
-            "resumed_from": str(resume_from) if resume_from else None})
-
-    eval_prompts = eval_texts = None
-    if cfg.evaluation.before_after:
-        held = inputs.heldout
-        n = min(cfg.evaluation.num_samples, len(held))
-        eval_prompts, eval_texts = held.input_ids[:n], held.texts[:n]
-        if "before" not in evaluation:
-            with generation_weights(accelerator, policy, cfg.generation.zero3_gather_weights) as synced:
-                evaluation["before"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
-                                                          device, synced, judges)
-            log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts)",
-                     evaluation["before"]["toxicity_mean"], evaluation["before"]["reward_mean"], n)
-            if is_main:  # on disk now: a run stopped early (signal, alarm) still has its starting point
-                write_json(out / "eval_before_after.json", evaluation)
-
-    # Sampling differs per rank (different prompts AND different random streams); model init was identical.
-    if resume_from is None:
-        torch.manual_seed(cfg.run.seed + 1 + rank)
-    logger = RunLogger(out, is_main, cfg.run.total_steps, start_step, cfg.logging.tensorboard,
-                       cfg.logging.progress_bar)
-    history: list[dict[str, float]] = []
-    reduce_fn = sum_reducer(accelerator)
-    temp = cfg.generation.temperature
-    stopped_by: Optional[str] = None
-
-    def save(step_done: int) -> Path:
-        state = {"step": step_done, "samples_seen": samples_seen, "sampler": sampler.state_dict(),
-                 "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict() if moments else None,
-                 "evaluation": evaluation, "alarms": monitor.state_dict(), "world_size": world, "config": to_dict(cfg),
-                 "config_hash": config_hash(cfg), "packages": package_versions()}
-        logger.flush()  # the curves up to a checkpoint survive a later kill -9
-        t0 = time.perf_counter()
-        path = ckpt.save_checkpoint(accelerator, policy, optimizer, scheduler, state, ckpt_root, step_done,
-                                    cfg.checkpoint.keep_last)
-        if is_main:
-            log.info("checkpoint %s written in %.2f s (%.1f MB)", path, time.perf_counter() - t0,
-                     sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6)
-        return path
-
-    try:
-        for step in range(start_step, cfg.run.total_steps):
-            timer = PhaseTimer(device)
-            t_step = time.perf_counter()
-
-            # 1. prompts: this rank's shard of the global batch (batch_size / k prompts)
-            idx = sampler.next_indices()
-            batch_prompts = [prompts.input_ids[i] for i in idx]
-            batch_texts = [prompts.texts[i] for i in idx for _ in range(k)]  # one per response
-
-            # 2. rollout: batched sampling, chunked by generation.rollout_batch_size; k responses per prompt
-            with timer("time/generate"), generation_weights(accelerator, policy,
-                                                            cfg.generation.zero3_gather_weights) as synced:
-                rollout = generate_rollouts(unwrapped, batch_prompts, tokenizer, cfg.generation,
-                                            draw_max_new_tokens(cfg, step), device, synced_gpus=synced, k=k)
-            mask = rollout.response_mask.float()
-
-            # 3. reward: response text re-tokenized by each classifier; scored in length-sorted batches
-            with timer("time/reward"):
-                responses = decode_responses(tokenizer, rollout)
-                raw_scores, term_scores = reward.score(batch_texts, responses)
-                scores = raw_scores.clone()
-                if cfg.ppo.missing_eos_penalty is not None:
-                    scores[~rollout.ended.cpu()] -= cfg.ppo.missing_eos_penalty
-                if moments is not None:
-                    moments.update(scores, reduce_fn)
-                scores = normalize_and_clip(scores, moments, cfg.reward.clip,
-                                            cfg.reward.normalize_shift_mean).to(device)
-
-            # 4. reference log-probs (frozen starting policy), then old log-probs and values of the policy
-            with timer("time/reference"):
-                ref_logp = reference_logprobs(unwrapped, reference, rollout.prompt_ids, rollout.prompt_mask,
-                                              rollout.response_ids, temp, forward=policy, group=k)
-            with timer("time/old_logprobs"):
-                old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
-                                                         want_values=not critic_free, group=k)
-
-            # 5. advantages: per-token rewards (-beta*KL unless the KL is a loss term, + the score on the last
-            #    token); GAE with the critic, or a critic-free estimator; normalised over the global batch
-            kl_in_reward = kl_ctl.value if cfg.ppo.kl.mode == "reward" else 0.0
-            rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_in_reward, cfg.ppo.kl.estimator)
-            if critic_free:
-                advantages = critic_free_advantages(cfg.ppo.estimator, rewards, mask, k, cfg.ppo.gamma,
-                                                    cfg.ppo.group_std_scale, cfg.ppo.whiten_advantages, reduce_fn)
-                returns = torch.zeros_like(advantages)
-            else:
-                advantages, returns = decoupled_gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam,
-                                                    cfg.ppo.lam if cfg.critic.lam is None else cfg.critic.lam)
-                if cfg.ppo.whiten_advantages:
-                    advantages = masked_whiten(advantages, mask, shift_mean=True, reduce_fn=reduce_fn)
-            terms = loss_terms(cfg, step, kl_ctl.value, returns, mask, reduce_fn)
-
-            # 6. PPO epochs over shuffled mini-batches; micro-batches accumulate gradients (during the critic's
-            #    warm-up the policy's parameters take no step)
-            with timer("time/ppo_update"):
-                update = ppo_update(accelerator, policy, optimizer, scheduler, UpdateBatch(
-                    rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, mask, old_logp, old_values,
-                    advantages, returns, ref_logp), cfg.ppo, temp, shuffle_seed=cfg.run.seed * 100003 + step,
-                    terms=terms)
-            stats, skipped, nonfinite = update.stats, update.skipped, update.nonfinite
-            debug_record(f"rank-{rank:05d}.jsonl", {
-                "step": step + 1, "rank": rank, "prompt_indices": idx, "response_lengths":
-                rollout.response_mask.sum(1).tolist(), "loss": stats["loss"], "skipped": skipped})
-
-            if nonfinite:
-                nonfinite_in_row += 1
-                log.warning("step %d: %d mini-batch(es) had a non-finite loss and were skipped (%d step(s) in a "
-                            "row)", step + 1, nonfinite, nonfinite_in_row)
-                if nonfinite_in_row >= cfg.run.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_row} PPO steps in a row had non-finite losses (run.max_nonfinite_steps="
-                        f"{cfg.run.max_nonfinite_steps}); stopping. The last checkpoint and the weights before "
-                        f"these steps are kept. Lower optim.lr or check the reward model's outputs.")
-            else:
-                nonfinite_in_row = 0
-            if skipped and not nonfinite:
-                log.warning("step %d: skipped %d mini-batch(es) whose mean ratio exceeded ppo.ratio_threshold=%g",
-                            step + 1, skipped, cfg.ppo.ratio_threshold)
-
-            # 7. bookkeeping: KL controller, metrics reduced over ranks, samples, alarms, checkpoint
-            with timer("time/judges"):
-                judged, reward_tox = judge_step(judges, tox_term, cfg.evaluation.toxic_label, responses)
-            kl_per_sample = (kl * mask).sum(1)
-            global_scores = accelerator.gather(raw_scores.to(device)).float()
-            kl_mean_global = reduce_mean(accelerator, {"kl": kl_per_sample.mean().item()})["kl"]
-            kl_coef_used = kl_ctl.value
-            kl_ctl.update(kl_mean_global, cfg.ppo.batch_size * world)
-            samples_seen += cfg.ppo.batch_size * world
-            elapsed = time.perf_counter() - t_step
-            n_tokens = mask.sum().item()
-            local = {
-                "objective/kl": kl_per_sample.mean().item(),
-                "objective/kl_coef": kl_coef_used,
-                "objective/entropy": float(np.mean(stats["entropy"])) if stats["entropy"] else float("nan"),
-                "objective/score_normalized_mean": scores.mean().item(),
-                "ppo/loss/policy": float(np.mean(stats["policy_loss"])) if stats["policy_loss"] else float("nan"),
-                "ppo/loss/value": float(np.mean(stats["value_loss"])) if stats["value_loss"] else float("nan"),
-                "ppo/loss/total": float(np.mean(stats["loss"])) if stats["loss"] else float("nan"),
-                "ppo/policy/clipfrac": float(np.mean(stats["clipfrac"])) if stats["clipfrac"] else float("nan"),
-                "ppo/policy/approx_kl": float(np.mean(stats["approx_kl"])) if stats["approx_kl"] else float("nan"),
-                "ppo/policy/ratio_mean": float(np.mean(stats["ratio_mean"])) if stats["ratio_mean"] else float("nan"),
-                "ppo/val/clipfrac": float(np.mean(stats["vf_clipfrac"])) if stats["vf_clipfrac"] else float("nan"),
-                "ppo/grad_norm": float(np.mean(stats["grad_norm"])) if stats["grad_norm"] else float("nan"),
-                "ppo/val/explained_variance": explained_variance(old_values, returns, mask).item()
-                if not critic_free else float("nan"),
-                "ppo/advantages_mean": masked_mean(advantages, mask).item(),
-                "ppo/advantages_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
-                "ppo/skipped_minibatches": float(skipped),
-                "env/response_length_mean": rollout.response_mask.sum(1).float().mean().item(),
-                "env/response_ended_share": rollout.ended.float().mean().item(),
-                # reward hacking shows as falling distinct-n / rising duplicates next to a climbing KL
-                "env/distinct_2": distinct_n(responses, 2) or 0.0,
-                "env/duplicate_share": duplicate_share(responses),
-                **response_signals(responses, rollout.response_mask.sum(1).tolist(), cfg.generation.min_new_tokens,
-                                   judged, {j.name: j.cfg.threshold for j in judges}, reward_tox),
-                "perf/samples_per_s": rollout.response_ids.shape[0] * world / elapsed,
-                "perf/tokens_per_s": n_tokens * world / elapsed,
-                **{k: v for k, v in timer.seconds.items()},
-                "time/step": elapsed,
-            }
-            if terms.kl_coef > 0:
-                local["ppo/loss/kl"] = float(np.mean(stats["kl_loss"])) if stats["kl_loss"] else float("nan")
-            for t, s in zip(reward.terms, term_scores):
-                local[f"env/reward_term/{t.name}/{t.cfg.label}"] = s.mean().item()
-            metrics = reduce_mean(accelerator, local)
-            metrics["env/reward_mean"] = global_scores.mean().item()
-            metrics["env/reward_std"] = global_scores.std().item() if global_scores.numel() > 1 else 0.0
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            if len(scheduler.get_last_lr()) > 1:  # the critic's own parameter group (critic.lr)
-                metrics["lr/critic"] = scheduler.get_last_lr()[1]
-            done = step + 1
-            firing = monitor.update(done, metrics)  # adds alarm/* to metrics; identical on every rank
-            if done % cfg.logging.log_every == 0 or done == cfg.run.total_steps:
-                logger.scalars(done, metrics)
-            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0:
-                logger.samples(done, sample_rows(batch_texts, [prompts.references[i] for i in idx] if
-                                                 cfg.data.reference_field else None, responses, raw_scores, term_scores,
-                                                 reward, judged)[:cfg.logging.num_samples])
-            logger.progress(done, metrics["env/reward_mean"], metrics["objective/kl"])
-            history.append({"step": done, **metrics})
-            saved = bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
-            if saved and done < cfg.run.total_steps:
-                save(done)
-            # a stop request on any rank stops every rank here, after the same step (one tiny all-reduce); so does
-            # an alarm with alarms.action=stop (the same decision on every rank: it reads reduced metrics)
-            alarm_stop = monitor.should_stop(firing)
-            if done < cfg.run.total_steps and (alarm_stop or any_rank(accelerator, stop.signum is not None)):
-                stopped_by = f"alarm {', '.join(firing)}" if alarm_stop else (stop.name or "a signal on another rank")
-                path = ckpt.step_dir(ckpt_root, done) if saved else save(done)
-                log.warning("stopped after step %d of %d (%s); checkpoint %s. Run the same command again to resume.",
-                            done, cfg.run.total_steps, stopped_by, path)
-                break
-    finally:
-        logger.close()
-    if stopped_by is not None:
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return RunResult(out, done, None, history, None, unwrapped, stopped_by=stopped_by, is_main=is_main,
-                         alarm_stop=stopped_by.startswith("alarm"), alarms_fired=dict(monitor.first_fired))
-
-    # ---- finish: final adapter + value head, checkpoint, before/after ------------------------------------------
-    steps_done = max(start_step, cfg.run.total_steps)
-    if cfg.checkpoint.every_steps and start_step < cfg.run.total_steps:  # else resumed from this very checkpoint
-        save(steps_done)
-    final_dir = out / "final"
-    with gathered_trainable(accelerator, policy):  # collective under ZeRO-3: every rank gathers, rank 0 writes
-        if is_main:
-            with atomic_directory(final_dir) as tmp:
-                ckpt.save_policy_files(unwrapped, tmp)
-                tokenizer.save_pretrained(str(tmp))
-        if os.environ.get("DETOXRL_DEBUG_DIR"):  # test hook: every rank's copy of the trainable weights
-            from safetensors.torch import save_file
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in unwrapped.trainable_state_dict().items()},
-                      str(Path(os.environ["DETOXRL_DEBUG_DIR"]) / f"rank-{rank:05d}-trainable.safetensors"))
-    if cfg.evaluation.before_after:
-        with generation_weights(accelerator, policy, cfg.generation.zero3_gather_weights) as synced:
-            evaluation["after"] = heldout_evaluation(unwrapped, tokenizer, eval_prompts, eval_texts, reward, cfg,
-                                                     device, synced, judges)
-        b, a = evaluation["before"], evaluation["after"]
-        evaluation["toxicity_change_pct"] = 100.0 * (a["toxicity_mean"] - b["toxicity_mean"]) / max(
-            b["toxicity_mean"], 1e-12)
-        if is_main:
-            write_json(out / "eval_before_after.json", evaluation)
-            print(f"\nheld-out toxicity ({b['num_samples']} prompts): before {b['toxicity_mean']:.4f} "
-                  f"(std {b['toxicity_std']:.4f})  after {a['toxicity_mean']:.4f} (std {a['toxicity_std']:.4f})  "
-                  f"change {evaluation['toxicity_change_pct']:+.1f}%\n"
-                  f"held-out mean reward: before {b['reward_mean']:.4f}  after {a['reward_mean']:.4f}"
-                  + "".join(f"\nheld-out judge {name} toxicity: before {j['mean']:.4f}  after "
-                            f"{a['judges'][name]['mean']:.4f}" for name, j in b.get("judges", {}).items()),
-                  flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunResult(out, steps_done, final_dir, history, evaluation or None, unwrapped, is_main=is_main,
-                     alarms_fired=dict(monitor.first_fired))
-

@@ -10,8 +10,12 @@ import json
 import logging
 import math
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import torch
 
 log = logging.getLogger("detoxrl")
 
@@ -178,3 +182,21 @@ class RunLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class PhaseTimer:
+    """Wall seconds per phase; synchronises CUDA once per phase boundary so timings are honest."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
