@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from detoxrl.train.config import GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
+from detoxrl.train.config import CriticConfig, GenerationConfig, LoraConfig, PolicyConfig, ReferenceConfig
 from detoxrl.train.models import (build_policy, build_reference_copy, count_parameters, generate_rollouts,
                                   load_tokenizer, lm_forward, mask_after_eos, pad_prompts, reference_logprobs)
 from detoxrl.train.ppo_math import logprobs_from_logits
@@ -164,17 +164,68 @@ def test_causal_reference_copy_matches_base(test_models):
     assert all(not p.requires_grad for p in reference.parameters())
 
 
-@pytest.mark.parametrize("detach", [False, True])
-def test_value_head_detach_keeps_the_value_loss_out_of_the_lora_layers(test_models, detach):
-    cfg = PolicyConfig(model=str(test_models["t5"]), kind="seq2seq", value_head_detach=detach,
-                       lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q", "v"]))
-    policy = build_policy(cfg, str(test_models["t5"]), "seq2seq", CPU, torch.float32, reference_shared=True, seed=0)
+def critic_policy(test_models, mode: str, family: str = "t5", **extra):
+    kind, targets = ("seq2seq", ["q", "v"]) if family == "t5" else ("causal", ["c_attn"])
+    cfg = PolicyConfig(model=str(test_models[family]), kind=kind,
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=targets), **extra)
+    return build_policy(cfg, str(test_models[family]), kind, CPU, torch.float32, reference_shared=True, seed=0,
+                        critic=CriticConfig(mode=mode))
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("mode", ["shared", "detached", "adapter"])
+def test_the_value_loss_reaches_only_the_critics_parameters(test_models, mode, family):
+    """shared: the value loss trains the policy's LoRA too; detached: the head only; adapter: the critic adapter and
+    its head, never the policy's adapter."""
+    policy = critic_policy(test_models, mode, family)
     perturb_lora(policy)
     torch.nn.init.normal_(policy.v_head.weight, std=0.1)
-    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 1]], 0, False, CPU)
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 1]], 0, family == "gpt2", CPU)
     _, values = policy(ids, mask, torch.tensor([[5, 6, 1], [7, 1, 0]]))
     values.pow(2).sum().backward()                     # a loss on the values only
-    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n and p.requires_grad]
-    assert policy.v_head.weight.grad is not None and policy.v_head.weight.grad.abs().sum() > 0
-    reached = any(g is not None and g.abs().sum() > 0 for g in lora_grads)
-    assert reached is not detach
+    grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    reached = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert "v_head.weight" in reached
+    assert any(".default." in n for n in reached) is (mode == "shared")
+    assert any(".critic." in n for n in reached) is (mode == "adapter")
+    critic = {id(p) for p in policy.critic_parameters()}
+    assert {n for n, p in policy.named_parameters() if id(p) in critic} == (
+        {n for n in grads if ".critic." in n or n.startswith("v_head")})
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_critic_adapter_shares_the_base_and_leaves_policy_and_reference_alone(test_models, family):
+    """One copy of the base weights; moving the critic adapter changes values only, moving the policy adapter changes
+    logits only; the reference (every adapter off) moves with neither."""
+    policy = critic_policy(test_models, "adapter", family)
+    plain = critic_policy(test_models, "shared", family)
+    assert count_parameters(policy)[0] - count_parameters(plain)[0] == sum(
+        p.numel() for n, p in policy.named_parameters() if ".critic." in n)   # no second base
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+    ids, mask = pad_prompts([[5, 6, 7, 1], [8, 9, 1]], 0, family == "gpt2", CPU)
+    resp = torch.tensor([[5, 6, 1], [7, 1, 0]])
+
+    def outputs():
+        with torch.no_grad():
+            logits, values = policy(ids, mask, resp)
+            with policy.reference_mode():
+                ref, _ = policy(ids, mask, resp, want_values=False)
+        return logits, values, ref
+
+    torch.nn.init.normal_(policy.v_head.weight, std=0.1)
+    l0, v0, r0 = outputs()
+    for name, other in [("critic", "default"), ("default", "critic")]:
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.add_(torch.randn_like(p))
+        l1, v1, r1 = outputs()
+        torch.testing.assert_close(r1, r0, atol=0, rtol=0)                # the reference never moves
+        if name == "critic":
+            torch.testing.assert_close(l1, l0, atol=0, rtol=0)
+            assert (v1 - v0).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(v1, v0, atol=0, rtol=0)
+            assert (l1 - l0).abs().max() > 1e-4
+        l0, v0 = l1, v1
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)  # switching froze nothing

@@ -3,6 +3,7 @@
     checkpoints/step-000010/
         adapter_config.json, adapter_model.safetensors   the trainable LoRA adapter (PeftModel.from_pretrained loads it)
         value_head.safetensors                           the value head
+        critic/adapter_config.json, adapter_model.safetensors   the critic adapter (critic.mode: adapter)
         optimizer.pt, scheduler.pt                       torch state dicts (tensors only; loaded with weights_only)
         engine/                                          DeepSpeed runs, instead of optimizer.pt: the engine's own
                                                          checkpoint (every rank's ZeRO shard of the optimizer states
@@ -39,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from detoxrl.train.config import Config, to_dict
 from detoxrl.train.distributed import gathered_trainable, zero_stage
+from detoxrl.train.models import CRITIC_ADAPTER
 from detoxrl.train.tracking import write_json
 
 log = logging.getLogger("detoxrl.checkpoint")
@@ -57,21 +59,32 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def save_policy_files(policy, folder: Path) -> None:
-    """The trainable adapter as a PEFT folder, and the value head as safetensors."""
+    """The trainable adapter as a PEFT folder, the value head as safetensors, and with `critic.mode: adapter` the
+    critic adapter as a PEFT folder in `critic/` (PEFT's layout for a second adapter)."""
     policy.lm.save_pretrained(str(folder), selected_adapters=["default"], safe_serialization=True)
+    if policy.critic_mode == "adapter":
+        policy.lm.save_pretrained(str(folder), selected_adapters=[CRITIC_ADAPTER], safe_serialization=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in policy.v_head.state_dict().items()},
               str(folder / "value_head.safetensors"))
 
 
-def load_policy_files(policy, folder: Path) -> None:
+def _load_adapter(policy, weights_file: Path, name: str) -> None:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file as load_st
 
-    weights = load_st(str(folder / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(policy.lm, weights, adapter_name="default")
+    result = set_peft_model_state_dict(policy.lm, load_file(str(weights_file)), adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise RuntimeError(f"checkpoint {folder}: adapter has unexpected keys {unexpected[:5]}")
+        raise RuntimeError(f"checkpoint {weights_file.parent}: adapter {name!r} has unexpected keys {unexpected[:5]}")
+
+
+def load_policy_files(policy, folder: Path) -> None:
+    _load_adapter(policy, folder / "adapter_model.safetensors", "default")
+    if policy.critic_mode == "adapter":
+        critic = folder / CRITIC_ADAPTER / "adapter_model.safetensors"
+        if not critic.is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no critic adapter ({critic}): it was written with "
+                                    f"another critic.mode than this run's `adapter`")
+        _load_adapter(policy, critic, CRITIC_ADAPTER)
     head = load_file(str(folder / "value_head.safetensors"))
     policy.v_head.load_state_dict({k: v.to(policy.v_head.weight.dtype) for k, v in head.items()})
 
@@ -225,6 +238,8 @@ def is_valid(folder: Path) -> Optional[str]:
         json.loads((folder / "trainer_state.json").read_text())
         load_file(str(folder / "value_head.safetensors"))
         load_file(str(folder / "adapter_model.safetensors"))
+        if (folder / CRITIC_ADAPTER).is_dir():
+            load_file(str(folder / CRITIC_ADAPTER / "adapter_model.safetensors"))
     except Exception as err:  # corrupt JSON or tensor file
         return f"unreadable: {err}"
     return None

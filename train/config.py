@@ -77,18 +77,13 @@ class PolicyConfig:
     """Fresh LoRA settings, used when `adapter` is not set."""
     value_head_init_std: float = 0.0
     """Std of the value head's initial weights (0 = zero init: initial values are 0)."""
-    value_head_detach: bool = False
-    """Train the value head on detached hidden states, so the value loss never updates the LoRA layers the policy
-    shares with it (TRL used a separate critic). On the benchmarks' causal toy this learned faster per step (mean
-    reward over the last 5 of 20 steps +4.98 vs +2.98, 3 seeds, with the head patched this way; see
-    benchmarks/RESULTS.md). On the demo recipe: the same held-out toxicity (0.051) at KL 1.8 instead of 4.2 nats.
-    Off by default until measured on the real recipes."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the repository."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute the activations of each transformer block in the backward pass instead of keeping them (less memory,
+    about one more forward pass of time). Works with dropout off: the blocks run in training mode only for this."""
     quantization: Optional[Literal["8bit", "4bit"]] = None
     """Load the frozen base weights (policy and reference copy) in 8-bit or 4-bit NF4 with bitsandbytes, LoRA and the
     value head on top in full precision. GPU only (`pip install bitsandbytes`); not with DeepSpeed ZeRO-3."""
@@ -138,7 +133,12 @@ class RewardConfig:
     terms: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
     """One or more classifier terms; the reward is their weighted sum."""
     normalize: bool = False
-    """Running normalisation of the total score to mean 0, std 1 (statistics over all ranks, saved in checkpoints)."""
+    """Running normalisation of the total score (statistics over all ranks, saved in checkpoints): to mean 0, std 1,
+    or, with `normalize_shift_mean: false`, divided by the running std only."""
+    normalize_shift_mean: bool = True
+    """With `normalize`: subtract the running mean too (standardisation). False scales by the running std only: the
+    score keeps its sign and its zero, so the balance with the KL penalty (which is not shifted) moves only by the
+    scale, not by a drifting offset."""
     clip: Optional[float] = None
     """Clip the (normalised) score to [-clip, clip]."""
 
@@ -202,41 +202,96 @@ class KLConfig:
     horizon: int = 10000
     """Adaptive controller horizon in samples."""
     estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-    """Per-token KL estimator for the penalty: k1 = logp - logp_ref; k3 = the unbiased low-variance estimator."""
+    """Per-token KL estimator: k1 = logp - logp_ref; k2 = (logp - logp_ref)^2 / 2; k3 = exp(ref - logp) - 1 -
+    (ref - logp), unbiased and >= 0; abs = |logp - logp_ref|."""
+    mode: Literal["reward", "loss"] = "reward"
+    """Where the KL acts: `reward` subtracts coef x KL from every token's reward (the principled reverse-KL penalty;
+    k1 is the usual estimator); `loss` leaves the rewards alone and adds coef x KL of the CURRENT policy to the loss,
+    aggregated like the policy loss (GRPO's choice; needs `estimator` k2, whose gradient matches the KL's on-policy,
+    or k3, biased but always >= 0)."""
 
 
 @dataclass
 class PPOConfig:
     batch_size: int = 16
-    """Rollouts (prompts) per PPO step PER PROCESS; the global batch is batch_size x number of processes."""
+    """Responses per PPO step PER PROCESS; the global batch is batch_size x number of processes. With `k` samples per
+    prompt a process takes batch_size / k prompts per step (all k responses of a prompt on the same process)."""
     mini_batch_size: int = 4
-    """Samples per optimizer step (per process)."""
+    """Responses per optimizer step (per process); mini-batches are drawn from the step's shuffled responses."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per mini-batch (mini_batch_size must be divisible by it)."""
     ppo_epochs: int = 4
     """Passes over the step's rollouts."""
     kl: KLConfig = field(default_factory=KLConfig)
     """KL penalty against the reference."""
+    estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = "gae"
+    """Advantage estimator. `gae`: a critic (see `critic`) and GAE. Critic-free (no value loss, no critic trained):
+    `rloo`: each response's total reward minus the mean of the other k-1 responses to the same prompt; `grpo`: minus
+    the group mean, divided by the group std (`group_std_scale`); `reinforce_pp` (REINFORCE++): per-token
+    reward-to-go, normalised over the global batch (all ranks). `rloo` and `grpo` need k >= 2."""
+    k: int = 1
+    """Responses sampled per prompt (a group). The k responses of a prompt are sampled on one process: for seq2seq
+    the prompt is encoded once and the encoder outputs expanded k times (generation and the gradient-free passes)."""
+    group_std_scale: bool = True
+    """`grpo`: divide by the group's std (+1e-4). False = Dr. GRPO's advantages (mean-centred only, no difficulty
+    bias); pair it with `loss_aggregation: token_sum_norm` for the full Dr. GRPO loss."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "token_sum_norm"] = "token_mean"
+    """How per-token losses become a mini-batch loss (policy, value, entropy and KL-loss terms alike), always over the
+    GLOBAL mini-batch (all ranks and micro-batches): `token_mean` (sum / tokens; no length bias per token),
+    `seq_mean_token_mean` (mean over responses of each response's token mean: GRPO's original, short responses
+    weigh more per token), `token_sum_norm` (sum / (responses x `loss_norm_constant`): Dr. GRPO, unbiased in length)."""
+    loss_norm_constant: Optional[int] = None
+    """The constant of `token_sum_norm` (tokens per response); null = the largest generation budget
+    (`generation.max_new_tokens` or the top of `max_new_tokens_range`)."""
     gamma: float = 1.0
-    """GAE discount."""
+    """Discount (GAE and `reinforce_pp`'s reward-to-go)."""
     lam: float = 0.95
-    """GAE lambda."""
+    """GAE lambda of the policy's advantages (`critic.lam` can set the critic's returns apart)."""
     clip_range: float = 0.2
     """Policy ratio clip epsilon."""
-    value_clip_range: Optional[float] = 0.2
-    """Value clip around old values (null = no clipping)."""
     vf_coef: float = 0.1
-    """Value-loss coefficient."""
+    """Value-loss coefficient (`gae` only)."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient (0 = off)."""
+    """Entropy bonus coefficient (0 = off: entropy is still logged, computed without gradients). The entropy is that
+    of the tempered distribution the responses were sampled from."""
     whiten_advantages: bool = True
-    """Whiten advantages over the global (all-rank) batch."""
+    """Whiten advantages over the global (all-rank) batch, for `gae` and `rloo`. `grpo` uses its group statistics
+    instead and `reinforce_pp` is always normalised over the global batch."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping norm (null = off)."""
     ratio_threshold: float = 10.0
     """Skip a mini-batch whose mean probability ratio exceeds this (a sign of a broken update)."""
     missing_eos_penalty: Optional[float] = None
     """Subtract this from the score of responses that hit the length limit without EOS."""
+
+
+@dataclass
+class CriticConfig:
+    mode: Literal["shared", "detached", "adapter"] = "shared"
+    """The value model of `ppo.estimator: gae`. `shared`: a value head on the policy's last hidden states, its loss
+    training the policy's LoRA too. `detached`: the same head on detached hidden states (the value loss trains the
+    head only, never the LoRA the policy uses). `adapter`: a second LoRA adapter (`lora`) with its own value head on
+    the SAME frozen base (policy adapter, critic adapter and the adapter-off reference share one copy of the base
+    weights): a separate critic, one extra forward pass per micro-batch."""
+    lr: Optional[float] = None
+    """Learning rate of the critic's parameters (value head, and the critic adapter in `adapter` mode), a parameter
+    group of its own that follows the same schedule; null = `optim.lr`."""
+    lora: Optional[LoraConfig] = None
+    """`adapter` mode: the critic adapter's LoRA settings; null = `policy.lora` (when the policy starts from
+    `policy.adapter`, that adapter's rank, alpha and target modules)."""
+    warmup_steps: int = 0
+    """PPO steps at the start that train only the critic (value head and, in `adapter` mode, its adapter); the policy
+    starts moving after them. The policy's parameters take no optimizer step meanwhile (under DeepSpeed they take
+    steps of learning rate 0). Counts toward `run.total_steps`."""
+    lam: Optional[float] = None
+    """GAE lambda of the critic's returns (targets), decoupled from `ppo.lam` of the policy's advantages (VC-PPO:
+    1.0, unbiased returns for the critic, a smaller lambda for the policy); null = `ppo.lam`."""
+    value_clip: Literal["absolute", "relative", "off"] = "absolute"
+    """Clip the new values around the old ones: `absolute` by +-`value_clip_range`; `relative` by +-`value_clip_range`
+    x the std of the step's returns (over all ranks), so the critic moves the same share of the return scale whatever
+    the reward's units; `off`."""
+    value_clip_range: float = 0.2
+    """The clip range of `value_clip`."""
 
 
 @dataclass
@@ -312,6 +367,8 @@ class Config:
     """Rollout sampling."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyperparameters."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The value model (for `ppo.estimator: gae`)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -331,6 +388,21 @@ def _omega_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}" + (f" (key: {key})" if key else ""))
 
 
+# Keys that existed in earlier versions: using one is an error that says what replaced it.
+MOVED_KEYS = {
+    "policy.value_head_detach": "critic.mode (value_head_detach: true is critic.mode: detached, false is "
+                                "critic.mode: shared)",
+    "ppo.value_clip_range": "critic.value_clip_range (with critic.value_clip: absolute | relative | off; null was "
+                            "critic.value_clip: off)",
+}
+
+
+def _refuse_moved_keys(keys: list[str], where: str) -> None:
+    for key in keys:
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{where}: {key} was replaced by {MOVED_KEYS[key]}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults < YAML file < overrides (`section.key=value`, value parsed as YAML). Validated."""
     schema = OmegaConf.structured(Config)
@@ -345,6 +417,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _refuse_moved_keys([f"{sec}.{k}" for sec, sub in data.items() if isinstance(sub, dict) for k in sub],
+                           str(path))
         try:
             schema = OmegaConf.merge(schema, OmegaConf.create(data))
         except OmegaConfBaseException as err:
@@ -353,6 +427,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
+        _refuse_moved_keys([key.strip()], f"override {item!r}")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
@@ -418,10 +493,17 @@ def validate(cfg: Config) -> None:
            "ppo.gradient_accumulation_steps",
            f"({p.gradient_accumulation_steps}) must divide ppo.mini_batch_size ({p.mini_batch_size})")
     _check(p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be >= 1")
+    _check(p.k >= 1, "ppo.k", f"must be >= 1, got {p.k}")
+    _check(p.batch_size % p.k == 0, "ppo.batch_size",
+           f"({p.batch_size}) counts responses and must be divisible by ppo.k ({p.k}), the responses per prompt")
+    _check(p.estimator not in ("rloo", "grpo") or p.k >= 2, "ppo.k",
+           f"ppo.estimator={p.estimator} compares the responses to one prompt: needs ppo.k >= 2, got {p.k}")
+    _check(p.loss_norm_constant is None or p.loss_norm_constant >= 1, "ppo.loss_norm_constant", "must be >= 1 or null")
     _check(0.0 < p.gamma <= 1.0, "ppo.gamma", "must be in (0, 1]")
     _check(0.0 <= p.lam <= 1.0, "ppo.lam", "must be in [0, 1]")
     _check(p.clip_range > 0, "ppo.clip_range", "must be > 0")
-    _check(p.value_clip_range is None or p.value_clip_range > 0, "ppo.value_clip_range", "must be > 0 or null")
+    _check(p.kl.mode == "reward" or p.kl.estimator in ("k2", "k3"), "ppo.kl.estimator",
+           f"ppo.kl.mode=loss needs k2 or k3 (a k1 or abs loss has no useful gradient), got {p.kl.estimator}")
     _check(p.kl.init_coef >= 0, "ppo.kl.init_coef", "must be >= 0")
     _check(p.kl.target > 0 and p.kl.horizon > 0, "ppo.kl.target", "target and horizon must be > 0")
     _check(p.max_grad_norm is None or p.max_grad_norm > 0, "ppo.max_grad_norm", "must be > 0 or null")
@@ -465,6 +547,24 @@ def validate(cfg: Config) -> None:
     c = cfg.checkpoint
     _check(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    cr = cfg.critic
+    _check(cr.lr is None or (cr.lr > 0 and math.isfinite(cr.lr)), "critic.lr", "must be a positive number or null")
+    _check(cr.lam is None or 0.0 <= cr.lam <= 1.0, "critic.lam", "must be in [0, 1] or null")
+    _check(cr.value_clip_range > 0, "critic.value_clip_range", "must be > 0")
+    _check(0 <= cr.warmup_steps < r.total_steps, "critic.warmup_steps",
+           f"must be >= 0 and below run.total_steps ({r.total_steps}), or the policy never trains")
+    if p.estimator != "gae":
+        _check(cr.mode != "adapter", "critic.mode",
+               f"adapter builds a critic that ppo.estimator={p.estimator} (critic-free) never uses; use shared")
+        _check(cr.warmup_steps == 0, "critic.warmup_steps",
+               f"ppo.estimator={p.estimator} trains no critic, so there is nothing to warm up; set it to 0")
+    if cr.mode == "adapter":
+        _check(not cfg.policy.gradient_checkpointing, "policy.gradient_checkpointing",
+               "cannot be combined with critic.mode=adapter: the recomputation in the backward pass would run "
+               "with whichever adapter is active then")
+        if cr.lora is not None:
+            _check(cr.lora.r >= 1 and len(cr.lora.target_modules) > 0, "critic.lora",
+                   "needs r >= 1 and at least one target module")
     e = cfg.evaluation
     _check(0 <= e.term < len(rw.terms), "evaluation.term", f"must index reward.terms (0..{len(rw.terms) - 1})")
     _check(e.num_samples >= 1, "evaluation.num_samples", "must be >= 1")

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -41,10 +41,12 @@ from detoxrl.train.distributed import (accumulating, describe, fill_deepspeed_co
                                        generation_weights, make_accelerator, models_built_whole, zero_stage)
 from detoxrl.train.models import (Rollout, build_policy, build_reference_copy, context_window, count_parameters,
                                   detect_kind, generate_rollouts, load_tokenizer, reference_logprobs, resolve_device,
-                                  resolve_dtype)
-from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits,
-                                    explained_variance, gae_advantages, logprobs_from_logits, masked_mean,
-                                    masked_whiten, normalize_and_clip, per_token_rewards, policy_loss, value_loss)
+                                  resolve_dtype, sampling_mismatches)
+from detoxrl.train.advantages import critic_free_advantages, decoupled_gae, value_clip_range
+from detoxrl.train.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss,
+                                    entropy_from_logits, explained_variance, kl_estimate, logprobs_from_logits,
+                                    loss_denominator, masked_mean, masked_whiten, normalize_and_clip,
+                                    per_token_rewards, policy_loss, value_loss)
 from detoxrl.train.reward import RewardModel, build_reward
 from detoxrl.train.tracking import (RunLogger, distinct_n, duplicate_share, package_versions, setup_logging,
                                     write_json)
@@ -166,15 +168,18 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Old log-probs and values (B, T) of the sampled responses, without gradients."""
+def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float, want_values: bool = True,
+                      group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old log-probs and values (B, T) of the sampled responses, without gradients (values 0 without a critic).
+    `chunk` rows at a time, a multiple of `group` (responses per prompt: seq2seq encodes each prompt once)."""
     logps, values = [], []
     with torch.no_grad():
         for s in range(0, rollout.response_ids.shape[0], chunk):
             sl = slice(s, s + chunk)
-            logits, v = policy(rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.response_ids[sl])
+            logits, v = policy(rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.response_ids[sl],
+                               want_values=want_values, group=group)
             logps.append(logprobs_from_logits(logits, rollout.response_ids[sl], temperature).float())
-            values.append(v.float())
+            values.append(v.float() if want_values else torch.zeros_like(logps[-1]))
     return torch.cat(logps), torch.cat(values)
 
 
@@ -209,6 +214,19 @@ class UpdateBatch:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    ref_logp: Optional[torch.Tensor] = None  # for a KL loss term (ppo.kl.mode: loss)
+
+
+@dataclass
+class LossTerms:
+    """What one step's loss is made of (fixed for the step; the defaults are plain PPO with a critic)."""
+    value: bool = True                   # a critic is trained (ppo.estimator: gae)
+    value_clip: Optional[float] = 0.2    # the step's value clip range (critic.value_clip), None = off
+    policy: bool = True                  # False during critic.warmup_steps: the policy's terms weigh 0, no step
+    kl_coef: float = 0.0                 # > 0: kl_coef x KL(policy || ref) as a loss term (ppo.kl.mode: loss)
+    kl_estimator: str = "k3"
+    aggregation: str = "token_mean"      # ppo.loss_aggregation
+    norm_constant: Optional[float] = None  # its constant for token_sum_norm
 
 
 @dataclass
@@ -218,19 +236,59 @@ class UpdateResult:
     nonfinite: int                 # ... of which for a non-finite loss
 
 
-def micro_batch_loss(policy, batch: UpdateBatch, ids: torch.Tensor, ppo: PPOConfig,
-                     temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy; token means over `ids`."""
-    logits, values = policy(batch.prompt_ids[ids], batch.prompt_mask[ids], batch.response_ids[ids])
+def micro_batch_loss(policy, batch: UpdateBatch, ids: torch.Tensor, ppo: PPOConfig, temperature: float,
+                     terms: LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy [+ kl_coef * KL], each aggregated
+    over `ids` as `terms.aggregation` says (the caller rescales to the global mini-batch)."""
+    logits, values = policy(batch.prompt_ids[ids], batch.prompt_mask[ids], batch.response_ids[ids],
+                            want_values=terms.value)
     m = batch.mask[ids]
+    agg, const = terms.aggregation, terms.norm_constant
     logp = logprobs_from_logits(logits, batch.response_ids[ids], temperature).float()
-    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[ids], batch.advantages[ids], m, ppo.clip_range)
-    vf_loss, vf_stats = value_loss(values.float(), batch.old_values[ids], batch.returns[ids], m, ppo.value_clip_range)
-    entropy = masked_mean(entropy_from_logits(logits.float()), m)
-    loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
-    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "loss": loss, "entropy": entropy,
-                  "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"],
-                  "vf_clipfrac": vf_stats["vf_clipfrac"], "ratio_mean": pg_stats["ratio_mean"]}
+    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[ids], batch.advantages[ids], m, ppo.clip_range, agg, const)
+    policy_weight = 1.0 if terms.policy else 0.0  # a zero weight keeps the policy's parameters in the graph (DDP)
+    # the entropy of the distribution sampled from (tempered); without gradients when it is only logged
+    with torch.enable_grad() if ppo.entropy_coef and terms.policy else torch.no_grad():
+        entropy = aggregate_loss(entropy_from_logits(logits.float() / temperature), m, agg, const)
+    loss = policy_weight * (pg_loss - ppo.entropy_coef * entropy)
+    stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg_stats["clipfrac"],
+             "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"]}
+    if terms.kl_coef > 0:
+        kl_loss = aggregate_loss(kl_estimate(logp, batch.ref_logp[ids], terms.kl_estimator), m, agg, const)
+        loss = loss + policy_weight * terms.kl_coef * kl_loss
+        stats["kl_loss"] = kl_loss
+    if terms.value:
+        vf_loss, vf_stats = value_loss(values.float(), batch.old_values[ids], batch.returns[ids], m, terms.value_clip,
+                                       agg, const)
+        loss = loss + ppo.vf_coef * vf_loss
+        stats.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
+    stats["loss"] = loss
+    return loss, stats
+
+
+@contextmanager
+def policy_held(optimizer, scheduler, deepspeed: bool, hold: bool) -> Iterator[Callable[[], None]]:
+    """During critic warm-up: the policy's parameter group takes no step. Yields a callable to run before every
+    optimizer step (DeepSpeed steps inside the last backward, so it runs at each mini-batch's start there too).
+    Without DeepSpeed the policy's gradients are dropped, so AdamW leaves its state alone; DeepSpeed's flat
+    partitions step as a whole, so the group's learning rate is 0 instead. The schedule's rate is restored after."""
+    groups = [g for g in optimizer.param_groups if g.get("name") == "policy"]
+    if not hold or not groups:
+        yield lambda: None
+        return
+
+    def hold_now() -> None:
+        for g in groups:
+            g["lr"] = 0.0
+            if not deepspeed:
+                for p in g["params"]:
+                    p.grad = None
+
+    try:
+        yield hold_now
+    finally:
+        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            g["lr"] = lr
 
 
 def agree_to_skip(accelerator, loss: torch.Tensor, ratio_mean: torch.Tensor, threshold: float) -> tuple[bool, bool]:
@@ -244,7 +302,7 @@ def agree_to_skip(accelerator, loss: torch.Tensor, ratio_mean: torch.Tensor, thr
 
 
 def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, ppo: PPOConfig, temperature: float,
-               shuffle_seed: int) -> UpdateResult:
+               shuffle_seed: int, terms: Optional[LossTerms] = None) -> UpdateResult:
     """PPO epochs over shuffled mini-batches of this rank's rollouts; micro-batches accumulate gradients.
 
     All ranks run the same mini-batches and micro-batches and take the same skip decisions. Each loss is a token
@@ -252,6 +310,14 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, pp
     split across ranks and micro-batches (DDP and DeepSpeed average gradients over ranks, and accumulation divides by
     the number of micro-batches, so a micro-batch's token mean is rescaled by its share of the global tokens).
     """
+    terms = terms or LossTerms()
+    with policy_held(optimizer, scheduler, zero_stage(accelerator) is not None, not terms.policy) as hold:
+        return _ppo_epochs(accelerator, policy, optimizer, scheduler, batch, ppo, temperature, shuffle_seed, terms,
+                           hold)
+
+
+def _ppo_epochs(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, ppo: PPOConfig, temperature: float,
+                shuffle_seed: int, terms: LossTerms, hold: Callable[[], None]) -> UpdateResult:
     deepspeed = zero_stage(accelerator) is not None
     world, gas = accelerator.num_processes, ppo.gradient_accumulation_steps
     micro = ppo.mini_batch_size // gas
@@ -259,16 +325,20 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, pp
     reduce_fn = sum_reducer(accelerator)
     stats: dict[str, list[float]] = {k: [] for k in (
         "policy_loss", "value_loss", "loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac", "ratio_mean",
-        "grad_norm")}
+        "kl_loss", "grad_norm")}
     skipped = nonfinite = 0
     shuffle = torch.Generator().manual_seed(shuffle_seed)  # same on every rank
     B = batch.response_ids.shape[0]
+    agg, const = terms.aggregation, terms.norm_constant
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(B, generator=shuffle).to(batch.mask.device)
         minibatches = [order[s:s + ppo.mini_batch_size] for s in range(0, B, ppo.mini_batch_size)]
-        tokens = torch.stack([batch.mask[mb].sum() for mb in minibatches]).double()
-        global_tokens = (reduce_fn(tokens) if reduce_fn else tokens).tolist()  # one all-reduce per epoch
-        for mb, n_global in zip(minibatches, global_tokens):
+        # each loss is normalised by the GLOBAL mini-batch's tokens (or responses): one all-reduce per epoch
+        denominators = torch.stack([loss_denominator(batch.mask[mb], agg, const) for mb in minibatches])
+        global_denominators = (reduce_fn(denominators) if reduce_fn else denominators).tolist()
+        for mb, n_global in zip(minibatches, global_denominators):
+            if deepspeed:  # (critic warm-up) the engine steps inside the mini-batch's last backward
+                hold()
             micro_batches = [mb[s:s + micro] for s in range(0, len(mb), micro)]
             bad = bad_nonfinite = False
             # DeepSpeed cannot drop gradients it has already reduced part-way through an accumulation, so with
@@ -277,7 +347,7 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, pp
             if decide_first:
                 with torch.no_grad():
                     for ids in micro_batches:
-                        loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature)
+                        loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature, terms)
                         bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
                         if bad:
                             break
@@ -285,12 +355,12 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, pp
                 if bad:
                     break
                 with accumulating(accelerator, policy, boundary=i == len(micro_batches) - 1):
-                    loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature)
+                    loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature, terms)
                     if not decide_first:
                         bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
                         if bad:
                             break
-                    share = batch.mask[ids].sum().item() * world * gas / n_global
+                    share = loss_denominator(batch.mask[ids], agg, const).item() * world * gas / n_global
                     accelerator.backward(loss * share)  # / gas (accelerate or the engine); mean over ranks
                 for k, v in st.items():
                     stats[k].append(float(v.detach()))
@@ -299,6 +369,8 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: UpdateBatch, pp
                 skipped += 1
                 nonfinite += int(bad_nonfinite)
                 continue
+            if not deepspeed:  # (critic warm-up) drop the policy's gradients before the step
+                hold()
             if deepspeed:  # the engine clipped (gradient_clipping) and stepped in the last backward
                 grad_norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or 0.0)
             elif ppo.max_grad_norm is not None:
@@ -337,6 +409,29 @@ def build_rewards_on(cfg: Config, devices: list[torch.device], policy_dtype: tor
     dtypes = [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (policy_dtype if dev.type == "cuda" else torch.float32)
               for t, dev in zip(cfg.reward.terms, devices)]
     return build_reward(cfg.reward.terms, assets.resolve, devices, dtypes)
+
+
+def param_groups(policy, cfg: Config) -> list[dict[str, Any]]:
+    """The policy's trainable parameters, then the critic's (value head, critic adapter) at `critic.lr`."""
+    critic_ids = {id(p) for p in policy.critic_parameters()}
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    groups = [{"name": "policy", "params": [p for p in trainable if id(p) not in critic_ids]},
+              {"name": "critic", "params": [p for p in trainable if id(p) in critic_ids],
+               "lr": cfg.critic.lr or cfg.optim.lr}]
+    return [g for g in groups if g["params"]]
+
+
+def loss_terms(cfg: Config, step: int, kl_coef: float, returns: torch.Tensor, mask: torch.Tensor,
+               reduce_fn) -> LossTerms:
+    """This step's loss terms: critic or not, the value clip range, warm-up, the KL loss, the aggregation."""
+    p, c = cfg.ppo, cfg.critic
+    value = p.estimator == "gae"
+    max_new = max(cfg.generation.max_new_tokens, (cfg.generation.max_new_tokens_range or [0, 0])[1])
+    return LossTerms(
+        value=value, value_clip=value_clip_range(c.value_clip, c.value_clip_range, returns, mask, reduce_fn)
+        if value else None, policy=step >= c.warmup_steps,
+        kl_coef=kl_coef if p.kl.mode == "loss" else 0.0, kl_estimator=p.kl.estimator,
+        aggregation=p.loss_aggregation, norm_constant=float(p.loss_norm_constant or max_new))
 
 
 def debug_record(name: str, record: dict[str, Any]) -> None:
@@ -380,9 +475,14 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
         train_rows = load_rows(data_path, cfg.data.split)
         eval_rows = load_rows(data_path, cfg.evaluation.split) if cfg.evaluation.before_after else None
     prompts = build_prompts(train_rows, cfg.data, tokenizer, kind, cfg.run.seed)
-    sampler = PromptSampler(len(prompts), cfg.ppo.batch_size, rank, world, cfg.run.seed)
-    log.info("%d training prompts (%s, split %s), %d process(es), global batch %d", len(prompts), cfg.data.dataset,
-             cfg.data.split, world, cfg.ppo.batch_size * world)
+    k = cfg.ppo.k  # responses per prompt: a rank samples all k of its prompts (groups never straddle ranks)
+    sampler = PromptSampler(len(prompts), cfg.ppo.batch_size // k, rank, world, cfg.run.seed)
+    log.info("%d training prompts (%s, split %s), %d process(es), global batch %d responses (%d per prompt)",
+             len(prompts), cfg.data.dataset, cfg.data.split, world, cfg.ppo.batch_size * world, k)
+    if is_main:
+        for why in sampling_mismatches(cfg.generation):
+            log.warning("sampling and scoring distributions differ: %s; the PPO update is off-policy by that much",
+                        why)
 
     stage = zero_stage(accelerator)  # None unless DeepSpeed
     if device.type == "cpu" and accelerator.mixed_precision != "no":
@@ -395,7 +495,7 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
     shared_ref = cfg.reference.mode == "shared"
     reward_devices, reference_device = place_models(cfg, device)
     with models_built_whole(accelerator):
-        policy = build_policy(cfg.policy, policy_path, kind, device, dtype, shared_ref, cfg.run.seed)
+        policy = build_policy(cfg.policy, policy_path, kind, device, dtype, shared_ref, cfg.run.seed, cfg.critic)
         reference = None if shared_ref else build_reference_copy(
             cfg.policy, cfg.reference, policy_path, kind, reference_device, dtype)
         reward = build_rewards_on(cfg, reward_devices, dtype)
@@ -410,9 +510,11 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
 
     from transformers import get_scheduler
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas), eps=cfg.optim.adam_eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    critic_free = cfg.ppo.estimator != "gae"
+    if critic_free:  # no value loss: the head stays as it is and out of the optimizer (and of DDP's buckets)
+        policy.v_head.requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(policy, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
+                                  eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
     minibatches = cfg.ppo.batch_size // cfg.ppo.mini_batch_size
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.run.total_steps * cfg.ppo.ppo_epochs * minibatches)
@@ -519,16 +621,16 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
             timer = PhaseTimer(device)
             t_step = time.perf_counter()
 
-            # 1. prompts: this rank's shard of the global batch
+            # 1. prompts: this rank's shard of the global batch (batch_size / k prompts)
             idx = sampler.next_indices()
             batch_prompts = [prompts.input_ids[i] for i in idx]
-            batch_texts = [prompts.texts[i] for i in idx]
+            batch_texts = [prompts.texts[i] for i in idx for _ in range(k)]  # one per response
 
-            # 2. rollout: batched sampling, chunked by generation.rollout_batch_size
+            # 2. rollout: batched sampling, chunked by generation.rollout_batch_size; k responses per prompt
             with timer("time/generate"), generation_weights(accelerator, policy,
                                                             cfg.generation.zero3_gather_weights) as synced:
                 rollout = generate_rollouts(unwrapped, batch_prompts, tokenizer, cfg.generation,
-                                            draw_max_new_tokens(cfg, step), device, synced_gpus=synced)
+                                            draw_max_new_tokens(cfg, step), device, synced_gpus=synced, k=k)
             mask = rollout.response_mask.float()
 
             # 3. reward: response text re-tokenized by each classifier; scored in length-sorted batches
@@ -540,26 +642,39 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                     scores[~rollout.ended.cpu()] -= cfg.ppo.missing_eos_penalty
                 if moments is not None:
                     moments.update(scores, reduce_fn)
-                scores = normalize_and_clip(scores, moments, cfg.reward.clip).to(device)
+                scores = normalize_and_clip(scores, moments, cfg.reward.clip,
+                                            cfg.reward.normalize_shift_mean).to(device)
 
             # 4. reference log-probs (frozen starting policy), then old log-probs and values of the policy
             with timer("time/reference"):
                 ref_logp = reference_logprobs(unwrapped, reference, rollout.prompt_ids, rollout.prompt_mask,
-                                              rollout.response_ids, temp, forward=policy)
+                                              rollout.response_ids, temp, forward=policy, group=k)
             with timer("time/old_logprobs"):
-                old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size, temp)
+                old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
+                                                         want_values=not critic_free, group=k)
 
-            # 5. advantages: -beta*KL per token + score on the last token; GAE; whitening over the global batch
-            rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value, cfg.ppo.kl.estimator)
-            advantages, returns = gae_advantages(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-            if cfg.ppo.whiten_advantages:
-                advantages = masked_whiten(advantages, mask, shift_mean=True, reduce_fn=reduce_fn)
+            # 5. advantages: per-token rewards (-beta*KL unless the KL is a loss term, + the score on the last
+            #    token); GAE with the critic, or a critic-free estimator; normalised over the global batch
+            kl_in_reward = kl_ctl.value if cfg.ppo.kl.mode == "reward" else 0.0
+            rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_in_reward, cfg.ppo.kl.estimator)
+            if critic_free:
+                advantages = critic_free_advantages(cfg.ppo.estimator, rewards, mask, k, cfg.ppo.gamma,
+                                                    cfg.ppo.group_std_scale, cfg.ppo.whiten_advantages, reduce_fn)
+                returns = torch.zeros_like(advantages)
+            else:
+                advantages, returns = decoupled_gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam,
+                                                    cfg.ppo.lam if cfg.critic.lam is None else cfg.critic.lam)
+                if cfg.ppo.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask, shift_mean=True, reduce_fn=reduce_fn)
+            terms = loss_terms(cfg, step, kl_ctl.value, returns, mask, reduce_fn)
 
-            # 6. PPO epochs over shuffled mini-batches; micro-batches accumulate gradients
+            # 6. PPO epochs over shuffled mini-batches; micro-batches accumulate gradients (during the critic's
+            #    warm-up the policy's parameters take no step)
             with timer("time/ppo_update"):
                 update = ppo_update(accelerator, policy, optimizer, scheduler, UpdateBatch(
                     rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, mask, old_logp, old_values,
-                    advantages, returns), cfg.ppo, temp, shuffle_seed=cfg.run.seed * 100003 + step)
+                    advantages, returns, ref_logp), cfg.ppo, temp, shuffle_seed=cfg.run.seed * 100003 + step,
+                    terms=terms)
             stats, skipped, nonfinite = update.stats, update.skipped, update.nonfinite
             debug_record(f"rank-{rank:05d}.jsonl", {
                 "step": step + 1, "rank": rank, "prompt_indices": idx, "response_lengths":
@@ -602,7 +717,8 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                 "ppo/policy/ratio_mean": float(np.mean(stats["ratio_mean"])) if stats["ratio_mean"] else float("nan"),
                 "ppo/val/clipfrac": float(np.mean(stats["vf_clipfrac"])) if stats["vf_clipfrac"] else float("nan"),
                 "ppo/grad_norm": float(np.mean(stats["grad_norm"])) if stats["grad_norm"] else float("nan"),
-                "ppo/val/explained_variance": explained_variance(old_values, returns, mask).item(),
+                "ppo/val/explained_variance": explained_variance(old_values, returns, mask).item()
+                if not critic_free else float("nan"),
                 "ppo/advantages_mean": masked_mean(advantages, mask).item(),
                 "ppo/advantages_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
                 "ppo/skipped_minibatches": float(skipped),
@@ -611,11 +727,13 @@ def _train(cfg: Config, stop: StopRequest) -> RunResult:
                 # reward hacking shows as falling distinct-n / rising duplicates next to a climbing KL
                 "env/distinct_2": distinct_n(responses, 2) or 0.0,
                 "env/duplicate_share": duplicate_share(responses),
-                "perf/samples_per_s": len(idx) * world / elapsed,
+                "perf/samples_per_s": rollout.response_ids.shape[0] * world / elapsed,
                 "perf/tokens_per_s": n_tokens * world / elapsed,
                 **{k: v for k, v in timer.seconds.items()},
                 "time/step": elapsed,
             }
+            if terms.kl_coef > 0:
+                local["ppo/loss/kl"] = float(np.mean(stats["kl_loss"])) if stats["kl_loss"] else float("nan")
             for t, s in zip(reward.terms, term_scores):
                 local[f"env/reward_term/{t.name}/{t.cfg.label}"] = s.mean().item()
             metrics = reduce_mean(accelerator, local)

@@ -34,6 +34,9 @@ __all__ = [
     "KL_ESTIMATORS",
     "per_token_rewards",
     "gae_advantages",
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "loss_denominator",
     "policy_loss",
     "value_loss",
     "entropy_from_logits",
@@ -250,10 +253,46 @@ def gae_advantages(
 # ---------------------------------------------------------------------------
 
 
+LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
+
+
+def loss_denominator(mask: Tensor, aggregation: str = "token_mean", constant: float | None = None) -> Tensor:
+    """What ``aggregate_loss`` divides by for these rows: real tokens (``token_mean``), rows
+    (``seq_mean_token_mean``) or rows x ``constant`` (``token_sum_norm``). Summed over micro-batches and ranks it
+    is the global mini-batch's denominator: a micro-batch's share of the global loss is
+    ``aggregate_loss(x) * loss_denominator(local) / loss_denominator(global)``. float64 scalar."""
+    m = _bool_mask(mask)
+    if aggregation == "token_mean":
+        return m.sum().double()
+    rows = torch.tensor(float(m.shape[0]), dtype=torch.float64, device=m.device)
+    if aggregation == "seq_mean_token_mean":
+        return rows
+    if aggregation == "token_sum_norm":
+        if constant is None or constant <= 0:
+            raise ValueError(f"token_sum_norm needs a constant > 0, got {constant}")
+        return rows * float(constant)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def aggregate_loss(x: Tensor, mask: Tensor, aggregation: str = "token_mean", constant: float | None = None) -> Tensor:
+    """Per-token losses ``(B, T)`` -> a scalar: ``token_mean`` = sum / tokens; ``seq_mean_token_mean`` = mean over
+    rows of each row's token mean (an empty row counts as 0); ``token_sum_norm`` = sum / (rows x ``constant``)
+    (Dr. GRPO: no length normalisation per response). 0 when there is nothing to average."""
+    if aggregation == "token_mean":
+        return masked_mean(x, mask)
+    denom = loss_denominator(mask, aggregation, constant)
+    if aggregation == "seq_mean_token_mean":
+        total = masked_mean(x, mask, dim=-1).sum()
+    else:
+        total = masked_sum(x, mask)
+    return total / denom.clamp(min=1).to(total.dtype)
+
+
 def policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+    aggregation: str = "token_mean", constant: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss (to minimise), averaged over real tokens.
+    """PPO clipped surrogate loss (to minimise), aggregated over real tokens (``aggregate_loss``; default mean).
 
     ``loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))`` with
     ``ratio = exp(logp - old_logp)``. Gradients flow only into ``logp``. Stats (detached):
@@ -271,7 +310,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    loss = aggregate_loss(torch.maximum(pg_unclipped, pg_clipped), m, aggregation, constant)
     with torch.no_grad():
         ratio_d = ratio.detach()
         stats = {
@@ -285,14 +324,16 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None,
+    aggregation: str = "token_mean", constant: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Value-head regression loss (to minimise), optionally clipped around ``old_values``.
 
     Clipped: ``v_clip = old + clamp(v - old, -c, c)``,
     ``loss = 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2))``. With ``clip_range=None``:
     ``0.5 * masked_mean((v - R)^2)``. Stat ``vf_clipfrac``: share of tokens where the
-    clipped term is strictly larger (0 when unclipped).
+    clipped term is strictly larger (0 when unclipped). ``aggregation`` replaces the mean
+    (``aggregate_loss``).
     """
     m = _bool_mask(mask)
     v = _masked_select_zero(values, m)
@@ -300,13 +341,13 @@ def value_loss(
     ret = _masked_select_zero(returns.detach(), m)
     loss_unclipped = (v - ret).square()
     if clip_range is None:
-        loss = 0.5 * masked_mean(loss_unclipped, m)
+        loss = 0.5 * aggregate_loss(loss_unclipped, m, aggregation, constant)
         return loss, {"vf_clipfrac": torch.zeros((), dtype=loss.dtype, device=loss.device)}
     if clip_range < 0:
         raise ValueError(f"clip_range must be >= 0 or None, got {clip_range}")
     v_clipped = old + torch.clamp(v - old, -clip_range, clip_range)
     loss_clipped = (v_clipped - ret).square()
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), m)
+    loss = 0.5 * aggregate_loss(torch.maximum(loss_unclipped, loss_clipped), m, aggregation, constant)
     with torch.no_grad():
         clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), m)
     return loss, {"vf_clipfrac": clipfrac}
@@ -428,15 +469,17 @@ class RunningMoments:
             self.std = math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else math.sqrt(self.var)
 
 
-def normalize_and_clip(scores: Tensor, moments: RunningMoments | None, clip: float | None) -> Tensor:
-    """``(scores - mean) / max(std, 1e-8)`` if ``moments`` is given, then clamp to ``[-clip, clip]``.
+def normalize_and_clip(scores: Tensor, moments: RunningMoments | None, clip: float | None,
+                       shift_mean: bool = True) -> Tensor:
+    """``(scores - mean) / max(std, 1e-8)`` if ``moments`` is given (``scores / max(std, 1e-8)`` with
+    ``shift_mean=False``: scaled, not shifted), then clamp to ``[-clip, clip]``.
 
     Does not update ``moments`` (the caller decides when). ``clip`` of ``None`` or ``0``
     disables clipping; a negative ``clip`` is an error. Returns float32 (or float64).
     """
     out = _f32(scores)
     if moments is not None:
-        out = (out - moments.mean) / max(moments.std, 1e-8)
+        out = ((out - moments.mean) if shift_mean else out) / max(moments.std, 1e-8)
     if clip is not None and clip < 0:
         raise ValueError(f"clip must be > 0, 0 or None, got {clip}")
     if clip:
