@@ -19,7 +19,8 @@ Every run is a child process with one torch thread (`--jobs` at a time) and reco
 the KL to the start as the system itself logs it (k1: sum over response tokens of log pi - log pi_ref, nats per
 response). The harness then re-scores every response with the toy's classifier in this process, so all systems
 are measured by the same code: reward (the `nothate` logit), toxic share (P(hate) > 0.5), distinct-2 (word
-bigrams, per step). Per run: start = step 1 (the untrained policy's samples), end = the mean of the last 5 steps;
+bigrams, per step). Start = the untrained policy: step 1 of every run in the invocation pooled (all systems load
+the same weights; one run's 16 first responses are too few); per run, end = the mean of the last 5 steps;
 reward gain = end - start, gain per step = gain / steps; distinct-2 relative = end / start. Over seeds: mean and
 95% t-interval. One JSON line per configuration on stdout; a Markdown table appended to RESULTS.md.
 
@@ -96,10 +97,24 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
              ["optim.lr=1e-3", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
               "ppo.kl.horizon=10000", "ppo.vf_coef=0.1"]),
     "seeds-lr1e-3": ("the seeds' settings at lr 1e-3", ["optim.lr=1e-3", "ppo.ppo_epochs=1"]),
-    "lr1e-3": ("defaults at lr 1e-3", ["optim.lr=1e-3"]),
+    "lr1e-3": ("defaults at lr 1e-3 (gae, shared critic)", ["optim.lr=1e-3"]),
     "lr3e-3": ("defaults at lr 3e-3", ["optim.lr=3e-3"]),
-    "detached-lr1e-3": ("value head on detached hidden states, lr 1e-3",
-                        ["optim.lr=1e-3", "policy.value_head_detach=true"]),
+    "detached-lr1e-3": ("value head on detached hidden states, lr 1e-3", ["optim.lr=1e-3", "critic.mode=detached"]),
+    "adapter-lr1e-3": ("a separate critic LoRA adapter on the same base, lr 1e-3",
+                       ["optim.lr=1e-3", "critic.mode=adapter"]),
+    "detached-std-rel-lr1e-3": ("detached critic, reward divided by its running std, relative value clip, "
+                                "critic lambda 1, 4-step critic warm-up, lr 1e-3",
+                                ["optim.lr=1e-3", "critic.mode=detached", "reward.normalize=true",
+                                 "reward.normalize_shift_mean=false", "critic.value_clip=relative", "critic.lam=1.0",
+                                 "critic.warmup_steps=4"]),
+    "rloo-k4-lr1e-3": ("RLOO, 4 responses per prompt, lr 1e-3", ["optim.lr=1e-3", "ppo.estimator=rloo", "ppo.k=4"]),
+    "grpo-k4-lr1e-3": ("GRPO advantages (group mean/std), 4 per prompt, lr 1e-3",
+                       ["optim.lr=1e-3", "ppo.estimator=grpo", "ppo.k=4"]),
+    "dr_grpo-k4-lr1e-3": ("Dr. GRPO (no std scaling, token sum / constant), 4 per prompt, lr 1e-3",
+                          ["optim.lr=1e-3", "ppo.estimator=grpo", "ppo.k=4", "ppo.group_std_scale=false",
+                           "ppo.loss_aggregation=token_sum_norm"]),
+    "reinforce_pp-k4-lr1e-3": ("REINFORCE++ (global-batch normalised), 4 per prompt, lr 1e-3",
+                               ["optim.lr=1e-3", "ppo.estimator=reinforce_pp", "ppo.k=4"]),
 }
 PEER_NAME = re.compile(r"^(trl011|trl112)-lr([0-9.eE+-]+)$")
 
@@ -269,15 +284,23 @@ def per_step(steps: list[dict[str, Any]], scorer: Callable) -> list[dict[str, fl
     return out
 
 
-def run_summary(curve: list[dict[str, float]]) -> dict[str, float]:
-    """Start (step 1) vs end (mean of the last LAST steps, fewer in a short smoke run) of one run."""
-    first, last = curve[0], curve[-min(LAST, len(curve) - 1):]
+def pooled_start(curves: list[list[dict[str, float]]]) -> dict[str, float]:
+    """The untrained policy's figures: step 1 of every run pooled (all systems start from the same weights, and 16
+    responses of one run's first step are too few to be a baseline: a toxic share of 16 has a std of ~0.12)."""
+    firsts = [c[0] for c in curves]
+    return {k: sum(f[k] for f in firsts) / len(firsts) for k in ("reward", "toxic_share", "distinct2")}
+
+
+def run_summary(curve: list[dict[str, float]], start: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Start (`start`, else this run's step 1) vs end (mean of the last LAST steps, fewer in a short smoke run)."""
+    first, last = start or curve[0], curve[-min(LAST, len(curve) - 1):]
 
     def end(key: str) -> float:
         return sum(c[key] for c in last) / len(last)
 
     steps = len(curve)
-    return {"reward_start": first["reward"], "reward_end": end("reward"),
+    return {"reward_step1": curve[0]["reward"], "toxic_step1": curve[0]["toxic_share"],
+            "reward_start": first["reward"], "reward_end": end("reward"),
             "reward_gain": end("reward") - first["reward"], "gain_per_step": (end("reward") - first["reward"]) / steps,
             "toxic_start": first["toxic_share"], "toxic_end": end("toxic_share"), "kl_end": end("kl"),
             "kl_max": max(c["kl"] for c in curve), "distinct2_start": first["distinct2"],
@@ -365,7 +388,8 @@ def plan_jobs(toy: Toy, configs: list[Configuration], seeds: list[int], steps: i
     return jobs
 
 
-def run_jobs(jobs: list[dict], root: Path, n_jobs: int, fresh: bool, timeout: int, log) -> dict[tuple[str, int], dict]:
+def run_jobs(jobs: list[dict], root: Path, n_jobs: int, fresh: bool, timeout: int, log,
+             cached_only: bool = False) -> dict[tuple[str, int], dict]:
     """Each job's raw record, from the cache `root` or by running it (at most n_jobs child processes at once)."""
     root.mkdir(parents=True, exist_ok=True)
     done, todo = {}, []
@@ -376,6 +400,9 @@ def run_jobs(jobs: list[dict], root: Path, n_jobs: int, fresh: bool, timeout: in
         else:
             todo.append(job)
     log(f"{len(jobs) - len(todo)} run(s) cached, {len(todo)} to run, {n_jobs} at a time")
+    if cached_only:
+        log(f"--cached-only: reporting the cached runs, {len(todo)} not run")
+        return done
 
     def one(job: dict) -> tuple[dict, dict]:
         t0 = time.perf_counter()
@@ -396,8 +423,10 @@ def run_jobs(jobs: list[dict], root: Path, n_jobs: int, fresh: bool, timeout: in
 def measure_toy(toy: Toy, configs: list[Configuration], seeds: list[int], steps: int, args, log) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="learning-") as tmp:
         jobs = plan_jobs(toy, configs, seeds, steps, Path(tmp), log)
-        raw = run_jobs(jobs, args.runs, args.jobs, args.fresh, args.timeout, log)
+        raw = run_jobs(jobs, args.runs, args.jobs, args.fresh, args.timeout, log, args.cached_only)
     scorer = Scorer(toy.paths()["reward"], toy.reward_label, toy.toxic_label)
+    curves_of = {k: per_step(r["steps"], scorer) for k, r in raw.items() if r["status"] == "ok"}
+    start = pooled_start(list(curves_of.values())) if curves_of else None
     records = []
     for cfg in configs:
         runs = {seed: raw[(cfg.name, seed)] for seed in seeds if (cfg.name, seed) in raw}
@@ -407,8 +436,9 @@ def measure_toy(toy: Toy, configs: list[Configuration], seeds: list[int], steps:
                                "overrides": list(cfg.overrides), "lr": cfg.lr, "steps": steps, "seeds": seeds}
         errors = {s: r["reason"] for s, r in runs.items() if r["status"] != "ok"}
         ok = {s: r for s, r in runs.items() if r["status"] == "ok"}
-        curves = {s: per_step(r["steps"], scorer) for s, r in ok.items()}
-        rec["per_seed"] = {str(s): run_summary(c) for s, c in curves.items()}
+        curves = {s: curves_of[(cfg.name, s)] for s in ok}
+        rec["start"] = {**start, "runs_pooled": len(curves_of)}
+        rec["per_seed"] = {str(s): run_summary(c, start) for s, c in curves.items()}
         rec["summary"] = aggregate(list(rec["per_seed"].values()))
         rec["meets_targets"] = meets_targets(rec["summary"]) if rec["summary"] else None
         rec["curves"] = {str(s): [{k: round(v, 4) for k, v in step.items()} for step in c] for s, c in curves.items()}
@@ -431,6 +461,7 @@ def _ci(v: list[float], digits: int = 2, signed: bool = False) -> str:
 def markdown(records: list[dict], header: dict[str, Any]) -> str:
     m = header["machine"]
     peers = {r["system"]: r["peer_versions"] for r in records if r.get("peer_versions")}
+    st = next(r["start"] for r in records if r.get("start"))
     lines = [f"### {header['date']} — learning benchmark, `{header['toy']}` toy", "",
              f"- command: `{header['command']}`",
              f"- machine: {m['cpu']}, {m['cores']} cores (shared with other work), GPU: {m['gpu'] or 'none'}; "
@@ -438,12 +469,14 @@ def markdown(records: list[dict], header: dict[str, Any]) -> str:
              f"{header['load_start']}, at end {header['load_end']}; detoxrl commit {header['commit']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items() if v)
              + "".join(f"; {s} venv: " + ", ".join(f"{k} {v}" for k, v in pv.items()) for s, pv in peers.items()),
-             f"- {header['steps']} steps x 16 sampled responses, seeds {','.join(map(str, header['seeds']))}; start = "
-             f"step 1, end = mean of the last {min(LAST, header['steps'] - 1)} steps; mean [95% t-interval] over seeds; toxic = P(hate) > 0.5 "
-             f"under the reward classifier; KL = the system's own k1 KL to the start, nats per response; targets "
-             f"(issue 9): toxic end <= {TARGETS['toxic_end']}, KL <= {TARGETS['kl_end']}, distinct-2 end/start >= "
-             f"{TARGETS['distinct2_rel']}", "",
-             "| configuration | seeds ok | reward start | reward gain | gain/step | toxic start | toxic end | KL end "
+             f"- {header['steps']} steps x 16 sampled responses, seeds {','.join(map(str, header['seeds']))}; "
+             f"end = mean of the last {min(LAST, header['steps'] - 1)} steps; mean [95% t-interval] over seeds; "
+             f"toxic = P(hate) > 0.5 under the reward classifier; KL = the system's own k1 KL to the start, nats per "
+             f"response; targets (issue 9): toxic end <= {TARGETS['toxic_end']}, KL <= {TARGETS['kl_end']}, "
+             f"distinct-2 end/start >= {TARGETS['distinct2_rel']}",
+             f"- start = the untrained policy, step 1 of all {st['runs_pooled']} runs in the table pooled: reward "
+             f"{st['reward']:.2f}, toxic share {st['toxic_share']:.3f}, distinct-2 {st['distinct2']:.3f}", "",
+             "| configuration | seeds ok | reward end | reward gain | gain/step | toxic end | KL end | KL max "
              "| distinct-2 end/start | wall s/run | targets |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -453,9 +486,9 @@ def markdown(records: list[dict], header: dict[str, Any]) -> str:
             continue
         met = r["meets_targets"]
         verdict = "all met" if all(met.values()) else "missed: " + ", ".join(k for k, v in met.items() if not v)
-        lines.append(f"| {r['config']} | {len(r['per_seed'])}/{len(r['seeds'])} | {_ci(s['reward_start'])} | "
+        lines.append(f"| {r['config']} | {len(r['per_seed'])}/{len(r['seeds'])} | {_ci(s['reward_end'])} | "
                      f"{_ci(s['reward_gain'], signed=True)} | {_ci(s['gain_per_step'], 3, True)} | "
-                     f"{_ci(s['toxic_start'])} | {_ci(s['toxic_end'])} | {_ci(s['kl_end'])} | "
+                     f"{_ci(s['toxic_end'])} | {_ci(s['kl_end'])} | {_ci(s['kl_max'])} | "
                      f"{_ci(s['distinct2_rel'])} | {s['wall_s'][0]:.0f} | {verdict} |")
     lines += ["", "Configurations: " + "; ".join(
         f"`{r['config']}` {r['about']}" + (f" (`{' '.join(r['overrides'])}`)" if r["overrides"] else "")
@@ -488,6 +521,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed to one run")
     p.add_argument("--fresh", action="store_true", help="rerun even where a cached raw run exists")
+    p.add_argument("--cached-only", action="store_true", help="report the cached runs only, run nothing (tables "
+                   "of runs measured earlier)")
     p.add_argument("--runs", type=Path, default=None, help="folder of the cached raw runs (default "
                    "$DETOXRL_CACHE/bench/learning-runs)")
     p.add_argument("--results", type=Path, default=RESULTS)

@@ -183,6 +183,9 @@ def test_learning_summaries_and_intervals():
     assert s["reward_gain"] == pytest.approx(2.0) and s["gain_per_step"] == pytest.approx(0.2)
     assert s["toxic_start"] == 0.5 and s["toxic_end"] == 0.25 and s["distinct2_rel"] == pytest.approx(0.5)
     assert s["kl_end"] == 2.0 and s["responses"] == 160 and s["wall_s"] == 10.0
+    start = learning.pooled_start([curve, [dict(curve[0], reward=2.0)] + curve[1:]])
+    assert start == {"reward": 1.5, "toxic_share": 0.5, "distinct2": 0.8}
+    assert learning.run_summary(curve, start)["reward_gain"] == pytest.approx(1.5)
     mean, lo, hi = learning.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776: half-width 2.776 * 1.5811 / sqrt(5) = 1.963
     assert mean == 3.0 and hi - mean == pytest.approx(1.963, abs=1e-3) and mean - lo == pytest.approx(hi - mean)
