@@ -271,7 +271,7 @@ def _one_logit(two_label_dir: Path, out_dir: Path) -> None:
 # The learning benchmark's toys (benchmarks/learning.py): a classifier reward with its OWN tokenizer
 # --------------------------------------------------------------------------------------------------------------
 CAUSAL_DIALOGUE_TEMPLATE = "{dialogue}\nSummary:"  # tests/conftest.py `causal_demo` uses the same shape
-CAUSAL_DIALOGUE_VERSION = "1"
+CAUSAL_DIALOGUE_VERSION = "2"
 
 
 def build_t5_detox_toy(root: Optional[Path] = None) -> dict[str, Path]:
@@ -296,6 +296,7 @@ def build_causal_dialogue_toy(root: Optional[Path] = None) -> dict[str, Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = train_tokenizer(texts, "gpt2", 800)
+    tok.add_special_tokens({"pad_token": "<pad>"})  # TRL (0.11.4 and 1.12) pads with it; distinct from EOS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic builds
     try:

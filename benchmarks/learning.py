@@ -189,10 +189,17 @@ def run_detoxrl_worker(spec_path: Path) -> int:
 
 
 def peer_spec(cfg: Configuration, toy: Toy, paths: dict[str, Path], prompts: list[list[int]], steps: int,
-              seed: int) -> dict[str, Any]:
+              seed: int, work: Path) -> dict[str, Any]:
     """What a peer's script reads: the same models, prompt token ids and sampling settings as detoxrl's runs."""
     from benchmarks.assets import transformers4_copy
 
+    if cfg.system == "trl112":  # benchmarks/trl_baseline.py's spec; its KL coefficient is fixed (0.2: ours start)
+        return {"policy": str(paths["policy"]), "reward": str(paths["reward"]), "value_init": str(paths["policy"]),
+                "reward_label": toy.reward_label, "stop_token": "eos", "prompts": prompts, "batch_size": toy.batch,
+                "mini_batch_size": toy.mini_batch, "ppo_epochs": 4, "response_length": toy.max_new, "steps": steps,
+                "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "target_modules": list(toy.lora_targets)},
+                "lr": cfg.lr, "kl_coef": 0.2, "temperature": 1.0, "seed": seed, "threads": 1, "device": "cpu",
+                "dtype": "float32", "workdir": str(work / "trl-out")}
     policy = transformers4_copy(paths["policy"]) if cfg.system == "trl011" else paths["policy"]
     return {"kind": toy.kind, "policy": str(policy), "reward": str(paths["reward"]),
             "reward_label": toy.reward_label, "prompts": prompts, "steps": steps, "seed": seed, "lr": cfg.lr,
@@ -237,6 +244,8 @@ def execute(job: dict[str, Any], timeout: int) -> dict[str, Any]:
     else:
         env = {k: v for k, v in _child_env().items() if k != "PYTHONPATH"}
         argv = [job["python"], str(Path(__file__).parent / job["script"]), str(spec_path)]
+        if job["system"] == "trl112":  # the throughput benchmark's script: SPEC OUT
+            argv.append(str(out))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
@@ -362,8 +371,7 @@ def plan_jobs(toy: Toy, configs: list[Configuration], seeds: list[int], steps: i
     jobs, prompts, pythons = [], None, {}
     for cfg in configs:
         if cfg.system != "detoxrl" and cfg.system not in toy.peers:
-            log(f"{cfg.name}: not run on the {toy.name} toy (TRL 1.12's PPO needs a reward on the policy's own "
-                f"tokenizer for seq2seq it has no trainer)")
+            log(f"{cfg.name}: not run on the {toy.name} toy (TRL 1.12's PPO is decoder-only)")
             continue
         for seed in seeds:
             work = tmp / f"{cfg.name}-{seed}"
@@ -378,7 +386,7 @@ def plan_jobs(toy: Toy, configs: list[Configuration], seeds: list[int], steps: i
             else:
                 if prompts is None:
                     prompts = prompt_ids(None, toy_overrides(toy, paths, work, steps, 0))
-                spec = peer_spec(cfg, toy, paths, prompts, steps, seed)
+                spec = peer_spec(cfg, toy, paths, prompts, steps, seed, work)
                 key = run_key({"system": cfg.system, "spec": spec, "toy": toy.name,
                                "code": source_hash([Path(__file__).parent / PEER_SCRIPTS[cfg.system]])})
                 if cfg.system not in pythons:
