@@ -310,9 +310,11 @@ def build_causal_dialogue_toy(root: Optional[Path] = None) -> dict[str, Path]:
     return paths
 
 
-def transformers4_copy(folder: Path) -> Path:
+def transformers4_copy(folder: Path, dropout_off: bool = False) -> Path:
     """A copy of a model folder that transformers 4.x (TRL 0.11.4's 4.46.3) loads as the same function, or the
-    folder itself when it already does.
+    folder itself when it already does. `dropout_off`: the copy's config also says dropout 0 (TRL 0.11.4 leaves the
+    policy in train mode after each update, so the next rollout samples with the model's dropout; detoxrl never
+    applies dropout).
 
     Why: transformers 5 always ties a T5's lm_head to its input embeddings and records the T5 v1.1 "do not scale
     the decoder output" as `scale_decoder_outputs: false` next to `tie_word_embeddings: true`. Transformers 4 knows
@@ -322,9 +324,12 @@ def transformers4_copy(folder: Path) -> Path:
     versions read as "unscaled, this lm_head". Tokenizers need no change (tokenizer_class is already
     PreTrainedTokenizerFast, see `_save_tokenizer`)."""
     cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("model_type") != "t5" or cfg.get("scale_decoder_outputs", True) or not cfg.get("tie_word_embeddings"):
+    untie = cfg.get("model_type") == "t5" and not cfg.get("scale_decoder_outputs", True) and cfg.get(
+        "tie_word_embeddings")
+    drop_keys = [k for k in ("dropout_rate", "resid_pdrop", "embd_pdrop", "attn_pdrop") if cfg.get(k)]
+    if not untie and not (dropout_off and drop_keys):
         return folder
-    out = folder.with_name(folder.name + "-transformers4")
+    out = folder.with_name(folder.name + "-transformers4" + ("-nodropout" if dropout_off else ""))
     if (out / "done").is_file():
         return out
     from safetensors.torch import load_file, save_file
@@ -332,11 +337,14 @@ def transformers4_copy(folder: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(folder, tmp)
-    state = load_file(str(folder / "model.safetensors"))
-    state["lm_head.weight"] = state["shared.weight"].clone()
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg["tie_word_embeddings"] = False
-    cfg.pop("scale_decoder_outputs", None)
+    if untie:
+        state = load_file(str(folder / "model.safetensors"))
+        state["lm_head.weight"] = state["shared.weight"].clone()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg["tie_word_embeddings"] = False
+        cfg.pop("scale_decoder_outputs", None)
+    if dropout_off:
+        cfg.update({k: 0.0 for k in drop_keys})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (tmp / "done").write_text("ok\n")
     shutil.rmtree(out, ignore_errors=True)

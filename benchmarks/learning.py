@@ -12,7 +12,8 @@ tokens, top_k 0, top_p 1, temperature 1) from prompts of at most 128 tokens, wit
 
 Configurations: detoxrl with a named set of trainer overrides (`--list`), or a peer, each in its own virtualenv
 built by the harness (benchmarks/trl_env.py): `trl011-lr<LR>` (TRL 0.11.4, the seeds' library: the old `step()`
-API, LoRA via peft_config, adaptive KL 0.2 -> 6, the seeds' ppo_epochs 1, mini-batch 4; both toys) and
+API, LoRA via peft_config, adaptive KL 0.2 -> 6, the seeds' ppo_epochs 1, mini-batch 4; both toys;
+`trl011-nodrop-lr<LR>`: the same with the model's dropout set to 0, as detoxrl runs it) and
 `trl112-lr<LR>` (TRL 1.12's `trl.experimental.ppo`, GPT-2 toy only).
 
 Every run is a child process with one torch thread (`--jobs` at a time) and records, per step, its responses and
@@ -96,6 +97,15 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "demo": ("the demo recipe's settings: lr 1e-3, 2 epochs, KL 0.2 -> 3, vf_coef 0.1",
              ["optim.lr=1e-3", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
               "ppo.kl.horizon=10000", "ppo.vf_coef=0.1"]),
+    "demo-lr3e-4": ("the demo recipe's settings at lr 3e-4 (gae, shared critic)",
+                    ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
+                     "ppo.kl.horizon=10000", "ppo.vf_coef=0.1"]),
+    "demo-lr3e-4-detached": ("demo-lr3e-4 with the value head on detached hidden states",
+                             ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
+                              "ppo.kl.horizon=10000", "ppo.vf_coef=0.1", "critic.mode=detached"]),
+    "demo-lr3e-4-rloo-k4": ("demo-lr3e-4 with RLOO, 4 responses per prompt (no critic)",
+                            ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
+                             "ppo.kl.horizon=10000", "ppo.estimator=rloo", "ppo.k=4"]),
     "seeds-lr1e-3": ("the seeds' settings at lr 1e-3", ["optim.lr=1e-3", "ppo.ppo_epochs=1"]),
     "lr1e-3": ("defaults at lr 1e-3 (gae, shared critic)", ["optim.lr=1e-3"]),
     "lr3e-3": ("defaults at lr 3e-3", ["optim.lr=3e-3"]),
@@ -116,7 +126,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "reinforce_pp-k4-lr1e-3": ("REINFORCE++ (global-batch normalised), 4 per prompt, lr 1e-3",
                                ["optim.lr=1e-3", "ppo.estimator=reinforce_pp", "ppo.k=4"]),
 }
-PEER_NAME = re.compile(r"^(trl011|trl112)-lr([0-9.eE+-]+)$")
+PEER_NAME = re.compile(r"^(trl011|trl112)(-nodrop)?-lr([0-9.eE+-]+)$")
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,7 @@ class Configuration:
     overrides: tuple[str, ...] = ()
     lr: Optional[float] = None
     about: str = ""
+    dropout_off: bool = False  # peers: the model's dropout set to 0 (detoxrl never applies it)
 
 
 def resolve_configuration(name: str, custom: dict[str, list[str]]) -> Configuration:
@@ -137,8 +148,9 @@ def resolve_configuration(name: str, custom: dict[str, list[str]]) -> Configurat
     m = PEER_NAME.match(name)
     if m:
         label = {"trl011": "TRL 0.11.4", "trl112": "TRL 1.12"}[m.group(1)]
-        return Configuration(name, m.group(1), lr=float(m.group(2)), about=f"{label} PPO, lr {m.group(2)}")
-    raise SystemExit(f"unknown configuration {name!r}: choose from {', '.join(CONFIGS)}, trl011-lr<LR>, "
+        return Configuration(name, m.group(1), lr=float(m.group(3)), dropout_off=bool(m.group(2)),
+                             about=f"{label} PPO, lr {m.group(3)}" + (", model dropout 0" if m.group(2) else ""))
+    raise SystemExit(f"unknown configuration {name!r}: choose from {', '.join(CONFIGS)}, trl011[-nodrop]-lr<LR>, "
                      f"trl112-lr<LR>, or define it with --custom '{name}=key=value key=value'")
 
 
@@ -200,7 +212,7 @@ def peer_spec(cfg: Configuration, toy: Toy, paths: dict[str, Path], prompts: lis
                 "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "target_modules": list(toy.lora_targets)},
                 "lr": cfg.lr, "kl_coef": 0.2, "temperature": 1.0, "seed": seed, "threads": 1, "device": "cpu",
                 "dtype": "float32", "workdir": str(work / "trl-out")}
-    policy = transformers4_copy(paths["policy"]) if cfg.system == "trl011" else paths["policy"]
+    policy = transformers4_copy(paths["policy"], cfg.dropout_off) if cfg.system == "trl011" else paths["policy"]
     return {"kind": toy.kind, "policy": str(policy), "reward": str(paths["reward"]),
             "reward_label": toy.reward_label, "prompts": prompts, "steps": steps, "seed": seed, "lr": cfg.lr,
             "batch_size": toy.batch, "mini_batch_size": toy.mini_batch, "ppo_epochs": 1,
@@ -521,7 +533,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", choices=("t5", "gpt2"), default="t5")
     p.add_argument("--configs", default="default,seeds,trl011-lr1.41e-5",
-                   help="comma list of configuration names (--list), trl011-lr<LR>, trl112-lr<LR>")
+                   help="comma list of configuration names (--list), trl011[-nodrop]-lr<LR>, trl112-lr<LR>")
     p.add_argument("--custom", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="define a configuration: NAME='key=value key=value' (trainer overrides; repeatable)")
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -556,7 +568,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.list:
         for name, (about, overrides) in CONFIGS.items():
             print(f"{name}: {about}\n    {' '.join(overrides) or '(no overrides)'}")
-        print("trl011-lr<LR>: TRL 0.11.4 PPO (both toys); trl112-lr<LR>: TRL 1.12 PPO (gpt2 toy)")
+        print("trl011-lr<LR>: TRL 0.11.4 PPO (both toys; trl011-nodrop-lr<LR>: model dropout 0); trl112-lr<LR>: "
+              "TRL 1.12 PPO (gpt2 toy)")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.stdout.flush()
