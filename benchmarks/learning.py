@@ -21,7 +21,8 @@ the KL to the start as the system itself logs it (k1: sum over response tokens o
 response). The harness then re-scores every response with the toy's classifier in this process, so all systems
 are measured by the same code: reward (the `nothate` logit), toxic share (P(hate) > 0.5), distinct-2 (word
 bigrams, per step). Start = the untrained policy: step 1 of every run in the invocation pooled (all systems load
-the same weights; one run's 16 first responses are too few); per run, end = the mean of the last 5 steps;
+the same weights; one run's 16 first responses are too few), except distinct-2, a statistic of the batch that
+depends on its grouping, taken from each run's own step 1; per run, end = the mean of the last 5 steps;
 reward gain = end - start, gain per step = gain / steps; distinct-2 relative = end / start. Over seeds: mean and
 95% t-interval. One JSON line per configuration on stdout; a Markdown table appended to RESULTS.md.
 
@@ -324,8 +325,10 @@ def run_summary(curve: list[dict[str, float]], start: Optional[dict[str, float]]
             "reward_start": first["reward"], "reward_end": end("reward"),
             "reward_gain": end("reward") - first["reward"], "gain_per_step": (end("reward") - first["reward"]) / steps,
             "toxic_start": first["toxic_share"], "toxic_end": end("toxic_share"), "kl_end": end("kl"),
-            "kl_max": max(c["kl"] for c in curve), "distinct2_start": first["distinct2"],
-            "distinct2_rel": end("distinct2") / first["distinct2"] if first["distinct2"] else float("nan"),
+            # distinct-2 is a statistic of the step's batch, which depends on its grouping (k responses to one
+            # prompt share bigrams), so it is compared with the run's own first step, not the pooled start
+            "kl_max": max(c["kl"] for c in curve), "distinct2_start": curve[0]["distinct2"],
+            "distinct2_rel": end("distinct2") / curve[0]["distinct2"] if curve[0]["distinct2"] else float("nan"),
             "responses": sum(c["responses"] for c in curve), "wall_s": sum(c["seconds"] for c in curve)}
 
 
@@ -495,7 +498,8 @@ def markdown(records: list[dict], header: dict[str, Any]) -> str:
              f"response; targets (issue 9): toxic end <= {TARGETS['toxic_end']}, KL <= {TARGETS['kl_end']}, "
              f"distinct-2 end/start >= {TARGETS['distinct2_rel']}",
              f"- start = the untrained policy, step 1 of all {st['runs_pooled']} runs in the table pooled: reward "
-             f"{st['reward']:.2f}, toxic share {st['toxic_share']:.3f}, distinct-2 {st['distinct2']:.3f}", "",
+             f"{st['reward']:.2f}, toxic share {st['toxic_share']:.3f} (distinct-2 is relative to each run's own "
+             f"step 1: it depends on how many responses of a batch share a prompt)", "",
              "| configuration | seeds ok | reward end | reward gain | gain/step | toxic end | KL end | KL max "
              "| distinct-2 end/start | wall s/run | targets |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
