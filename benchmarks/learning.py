@@ -211,7 +211,7 @@ def run_detoxrl_worker(spec_path: Path) -> int:
 
 
 def peer_spec(cfg: Configuration, toy: Toy, paths: dict[str, Path], prompts: list[list[int]], steps: int,
-              seed: int, work: Path) -> dict[str, Any]:
+              seed: int) -> dict[str, Any]:
     """What a peer's script reads: the same models, prompt token ids and sampling settings as detoxrl's runs."""
     from benchmarks.assets import transformers4_copy
 
@@ -221,7 +221,7 @@ def peer_spec(cfg: Configuration, toy: Toy, paths: dict[str, Path], prompts: lis
                 "mini_batch_size": toy.mini_batch, "ppo_epochs": 4, "response_length": toy.max_new, "steps": steps,
                 "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "target_modules": list(toy.lora_targets)},
                 "lr": cfg.lr, "kl_coef": 0.2, "temperature": 1.0, "seed": seed, "threads": 1, "device": "cpu",
-                "dtype": "float32", "workdir": str(work / "trl-out")}
+                "dtype": "float32"}  # execute() adds the workdir (not part of the cache key)
     policy = transformers4_copy(paths["policy"], cfg.dropout_off) if cfg.system == "trl011" else paths["policy"]
     return {"kind": toy.kind, "policy": str(policy), "reward": str(paths["reward"]),
             "reward_label": toy.reward_label, "prompts": prompts, "steps": steps, "seed": seed, "lr": cfg.lr,
@@ -257,6 +257,8 @@ def execute(job: dict[str, Any], timeout: int) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     out = work / "steps.json"
     spec = {**job["spec"], "out": str(out)}
+    if job["system"] == "trl112":
+        spec["workdir"] = str(work / "trl-out")
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     if job["system"] == "detoxrl":
@@ -410,7 +412,7 @@ def plan_jobs(toy: Toy, configs: list[Configuration], seeds: list[int], steps: i
             else:
                 if prompts is None:
                     prompts = prompt_ids(None, toy_overrides(toy, paths, work, steps, 0))
-                spec = peer_spec(cfg, toy, paths, prompts, steps, seed, work)
+                spec = peer_spec(cfg, toy, paths, prompts, steps, seed)
                 key = run_key({"system": cfg.system, "spec": spec, "toy": toy.name,
                                "code": source_hash([Path(__file__).parent / PEER_SCRIPTS[cfg.system]])})
                 if cfg.system not in pythons:
@@ -447,6 +449,7 @@ def run_jobs(jobs: list[dict], root: Path, n_jobs: int, fresh: bool, timeout: in
         for job, rec in pool.map(one, todo):
             if rec["status"] == "ok":
                 rec["date"] = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+                rec["job"] = {k: job[k] for k in ("config", "seed", "system", "key")}
                 (root / f"{job['key']}.json").write_text(json.dumps(rec))
             done[(job["config"], job["seed"])] = rec
     return done
