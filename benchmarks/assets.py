@@ -26,7 +26,7 @@ from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.local_tokenizers import train_tokenizer
 from detoxrl.train.shipped_data import DEMO_DATA_DIR, load_jsonl
 from detoxrl.train.stand_in_models import make_imdb_rows
-from detoxrl.train.tiny_builders import build_classifier
+from detoxrl.train.tiny_builders import build_classifier, build_gpt2
 from detoxrl.train.tiny_finetune import sft_causal, train_classifier
 
 CORPUS_VOCAB = 2000  # BPE merges on the demo texts (it stops earlier: the corpus is small)
@@ -260,3 +260,88 @@ def _one_logit(two_label_dir: Path, out_dir: Path) -> None:
     one.load_state_dict(state)
     one.save_pretrained(str(out_dir))
     _save_tokenizer(AutoTokenizer.from_pretrained(str(two_label_dir)), out_dir, cfg.n_positions)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The learning benchmark's toys (benchmarks/learning.py): a classifier reward with its OWN tokenizer
+# --------------------------------------------------------------------------------------------------------------
+CAUSAL_DIALOGUE_TEMPLATE = "{dialogue}\nSummary:"  # tests/conftest.py `causal_demo` uses the same shape
+CAUSAL_DIALOGUE_VERSION = "2"
+
+
+def build_t5_detox_toy(root: Optional[Path] = None) -> dict[str, Path]:
+    """The offline demo's assets: a tiny T5 summariser fine-tuned on the shipped dialogues (some of its summaries
+    are rude) and the tiny RoBERTa `nothate`/`hate` classifier with its own tokenizer (train/demo_assets.py)."""
+    from detoxrl.train.demo_assets import build_demo_assets
+
+    return build_demo_assets(root)  # None: the trainer's own demo cache ($DETOXRL_CACHE)
+
+
+def build_causal_dialogue_toy(root: Optional[Path] = None) -> dict[str, Path]:
+    """A tiny GPT-2 fine-tuned to continue the shipped dialogues with their summaries; its reward is the demo's
+    RoBERTa toxicity classifier (its own tokenizer), its data the demo's dialogues. Returns policy, reward, data."""
+    demo = build_t5_detox_toy(root)
+    folder = (root or cache_root()) / f"causal-dialogue-toy-v{CAUSAL_DIALOGUE_VERSION}"
+    paths = {"policy": folder / "policy", "reward": demo["reward"], "data": demo["data"]}
+    if (folder / "done").is_file():
+        return paths
+    rows = [r for r in load_jsonl(DEMO_DATA_DIR / "dialogues.jsonl") if r["split"] == "train"]
+    texts = [CAUSAL_DIALOGUE_TEMPLATE.format(dialogue=r["dialogue"]) + " " + r["summary"] for r in rows]
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = train_tokenizer(texts, "gpt2", 800)
+    tok.add_special_tokens({"pad_token": "<pad>"})  # TRL (0.11.4 and 1.12) pads with it; distinct from EOS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic builds
+    try:
+        build_gpt2(tmp / "policy", tok, n_positions=256, seed=0, dropout=0.0)
+        sft_causal(tmp / "policy", texts, steps=300, lr=3e-3, batch_size=16, seed=0, max_length=128)
+    finally:
+        torch.set_num_threads(threads)
+    (tmp / "done").write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return paths
+
+
+def transformers4_copy(folder: Path, dropout_off: bool = False) -> Path:
+    """A copy of a model folder that transformers 4.x (TRL 0.11.4's 4.46.3) loads as the same function, or the
+    folder itself when it already does. `dropout_off`: the copy's config also says dropout 0 (TRL 0.11.4 leaves the
+    policy in train mode after each update, so the next rollout samples with the model's dropout; detoxrl never
+    applies dropout).
+
+    Why: transformers 5 always ties a T5's lm_head to its input embeddings and records the T5 v1.1 "do not scale
+    the decoder output" as `scale_decoder_outputs: false` next to `tie_word_embeddings: true`. Transformers 4 knows
+    only `tie_word_embeddings` and, when it is true, multiplies the decoder output by d_model**-0.5 before the
+    lm_head: the demo T5 (d_model 64) would sample at an effective temperature of 8 (garbage). The copy says
+    `tie_word_embeddings: false` and stores the lm_head weight explicitly (equal to the embeddings), which both
+    versions read as "unscaled, this lm_head". Tokenizers need no change (tokenizer_class is already
+    PreTrainedTokenizerFast, see `_save_tokenizer`)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    untie = cfg.get("model_type") == "t5" and not cfg.get("scale_decoder_outputs", True) and cfg.get(
+        "tie_word_embeddings")
+    drop_keys = [k for k in ("dropout_rate", "resid_pdrop", "embd_pdrop", "attn_pdrop") if cfg.get(k)]
+    if not untie and not (dropout_off and drop_keys):
+        return folder
+    out = folder.with_name(folder.name + "-transformers4" + ("-nodropout" if dropout_off else ""))
+    if (out / "done").is_file():
+        return out
+    from safetensors.torch import load_file, save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    if untie:
+        state = load_file(str(folder / "model.safetensors"))
+        state["lm_head.weight"] = state["shared.weight"].clone()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg["tie_word_embeddings"] = False
+        cfg.pop("scale_decoder_outputs", None)
+    if dropout_off:
+        cfg.update({k: 0.0 for k in drop_keys})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / "done").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -8,7 +8,16 @@ from this repository, and reads everything it needs from one JSON spec:
 
 spec keys: policy, reward, value_init (model folders), prompts (token-id lists, already cut to the prompt length),
 batch_size, mini_batch_size, ppo_epochs, response_length, steps, lora {r, alpha, dropout, target_modules}, lr,
-kl_coef, temperature, seed, threads, device (cpu|cuda), dtype (float32|bfloat16), workdir.
+kl_coef, temperature, seed, threads, device (cpu|cuda), dtype (float32|bfloat16), workdir; optional (the learning
+benchmark, benchmarks/learning.py): reward_label (then the reward is a classifier with its OWN tokenizer, see below),
+stop_token ("eos": responses end at the first EOS).
+
+A reward classifier with its own tokenizer: TRL 1.12's PPO feeds the policy's token ids straight into the reward
+model (`trl.experimental.utils.get_reward`), so it cannot score with a classifier that tokenizes differently. With
+`reward_label` set, the trainer's `get_reward` is wrapped: for the reward model only, the (EOS-truncated) responses
+are decoded with the policy tokenizer and re-tokenized by the classifier's own, and the score is that label's logit
+(what detoxrl does); the value model keeps TRL's own path, initialised from the policy (`value_init`). Each step's
+decoded responses are returned (`responses`) for the benchmark's shared measures.
 
 How detoxrl's settings map onto TRL's (read from trl/experimental/ppo/ppo_trainer.py, trl 1.12.0):
 - batch B, mini-batch M: per_device_train_batch_size=B, gradient_accumulation_steps=1, num_mini_batches=B/M. TRL's
@@ -89,7 +98,12 @@ def run(spec: dict) -> dict:
     if tok.pad_token is None:
         raise ValueError("the policy tokenizer needs a pad token distinct from EOS for TRL's PPO")
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
-    reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], dtype=dtype, num_labels=1)
+    own_tokenizer = spec.get("reward_label") is not None
+    if own_tokenizer:
+        reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], dtype=dtype)
+        _score_with_own_tokenizer(ppo_module, reward, tok, spec, device)
+    else:
+        reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], dtype=dtype, num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(spec["value_init"], dtype=dtype, num_labels=1)
     train_ds = datasets.Dataset.from_dict({"input_ids": spec["prompts"]})
 
@@ -128,7 +142,7 @@ def run(spec: dict) -> dict:
         num_ppo_epochs=int(spec["ppo_epochs"]), total_episodes=steps * B, response_length=int(spec["response_length"]),
         local_rollout_forward_batch_size=B, temperature=float(spec["temperature"]), kl_coef=float(spec["kl_coef"]),
         kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
-        whiten_rewards=False, stop_token=None, missing_eos_penalty=None, learning_rate=float(spec["lr"]),
+        whiten_rewards=False, stop_token=spec.get("stop_token"), missing_eos_penalty=None, learning_rate=float(spec["lr"]),
         lr_scheduler_type="constant", seed=int(spec["seed"]), bf16=dtype == torch.bfloat16, fp16=False,
         gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
         num_sample_generations=0, use_cpu=device == "cpu", dataloader_num_workers=0)
@@ -147,12 +161,41 @@ def run(spec: dict) -> dict:
     versions = {m.__name__: m.__version__ for m in (trl, transformers, torch, peft, datasets)}
     import accelerate
     versions["accelerate"] = accelerate.__version__
+    out = {"steps": [{"responses": texts, "kl": kl, "seconds": sec} for texts, kl, sec in
+                     zip(reward.recorded, timings["kl"], step_seconds)]} if own_tokenizer else {}
     return {
+        **out, "versions": versions,
         "step_seconds": step_seconds, "generate_seconds": timings["generate"], "scores": timings["scores"],
         "kl": timings["kl"], "trainable_parameters": trainable, "peak_rss_mb": _peak_rss_mb(),
         "gpu_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         "versions": versions, "threads": torch.get_num_threads(), "device": device,
     }
+
+
+def _score_with_own_tokenizer(ppo_module, reward, policy_tok, spec: dict, device: str) -> None:
+    """Route TRL's reward call for `reward` through text: decode with the policy tokenizer, re-tokenize with the
+    classifier's own, score `spec["reward_label"]`'s logit; each call's texts are kept in `reward.recorded`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    reward_tok = AutoTokenizer.from_pretrained(spec["reward"])
+    label = {v: int(k) for k, v in reward.config.id2label.items()}[spec["reward_label"]]
+    max_len = min(reward_tok.model_max_length, reward.config.max_position_embeddings - reward_tok.pad_token_id - 1)
+    reward.recorded = []
+    original = ppo_module.get_reward
+
+    def get_reward(model, query_responses, pad_token_id, context_length):
+        if model is not reward:
+            return original(model, query_responses, pad_token_id, context_length)
+        texts = [policy_tok.decode(r[r != pad_token_id], skip_special_tokens=True)
+                 for r in query_responses[:, context_length:]]
+        reward.recorded.append(texts)
+        enc = reward_tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+        with torch.no_grad():
+            score = reward(**enc).logits[:, label].float()
+        return None, score, None
+
+    ppo_module.get_reward = get_reward
 
 
 def main(argv: list[str]) -> int:

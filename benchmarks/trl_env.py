@@ -1,10 +1,11 @@
-"""The separate virtualenv that holds TRL 1.12 for baseline B (never a dependency of detoxrl).
+"""The separate virtualenvs that hold the peers (never dependencies of detoxrl): TRL 1.12 (baseline B, causal
+PPO) and TRL 0.11.4 (the seeds' own library: the old `step()` API, T5 PPO via AutoModelForSeq2SeqLMWithValueHead).
 
 Built on first use, then reused: torch pinned to the version this environment runs (so pip never swaps in a
-different build, nor several GB of CUDA wheels on a CPU machine), then `trl==1.12.*` and peft with a constraint
-that keeps that torch. Location: $DETOXRL_TRL_VENV, else $DETOXRL_CACHE/trl-venv, else ~/.cache/detoxrl/trl-venv.
-$DETOXRL_TRL_TORCH overrides the torch requirement (e.g. a CUDA build from another index:
-`DETOXRL_TRL_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`).
+different build, nor several GB of CUDA wheels on a CPU machine), then the peer's pins with a constraint that
+keeps that torch. Location: $DETOXRL_TRL_VENV (TRL 1.12) / $DETOXRL_TRL011_VENV (TRL 0.11.4), else
+$DETOXRL_CACHE/<name>, else ~/.cache/detoxrl/<name>. $DETOXRL_TRL_TORCH overrides the torch requirement (e.g. a
+CUDA build from another index: `DETOXRL_TRL_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`).
 """
 
 from __future__ import annotations
@@ -14,21 +15,41 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 TRL_REQUIREMENT = "trl==1.12.*"  # the last TRL with a PPO trainer (trl.experimental.ppo); 1.13 removed it
 INSTALL_TIMEOUT = 1200
 
 
+@dataclass(frozen=True)
+class Peer:
+    """One peer library's virtualenv: what to install after torch, and an import that proves it works."""
+    label: str                       # as printed in RESULTS.md
+    venv_name: str                   # folder under the cache
+    env_var: str                     # overrides the location
+    requirements: tuple[str, ...]
+    probe: str                       # python source that must run in the venv
+
+
+TRL_1_12 = Peer("TRL 1.12", "trl-venv", "DETOXRL_TRL_VENV", (TRL_REQUIREMENT, "peft"), "import trl.experimental.ppo")
+# The pins that install together with torch 2.13 (checked on this machine); trl 0.11.4 imports `rich` without
+# declaring it.
+TRL_0_11 = Peer("TRL 0.11.4", "trl011-venv", "DETOXRL_TRL011_VENV",
+                ("trl==0.11.4", "transformers==4.46.3", "accelerate==1.1.1", "peft==0.13.2", "datasets==3.1.0",
+                 "tokenizers==0.20.3", "rich"),
+                "from trl import PPOConfig, PPOTrainer, AutoModelForSeq2SeqLMWithValueHead")
+
+
 class TRLUnavailable(RuntimeError):
     """The TRL virtualenv could not be built (no network, no wheel for this platform, ...)."""
 
 
-def default_venv() -> Path:
-    if os.environ.get("DETOXRL_TRL_VENV"):
-        return Path(os.environ["DETOXRL_TRL_VENV"]).expanduser()
+def default_venv(peer: Peer = TRL_1_12) -> Path:
+    if os.environ.get(peer.env_var):
+        return Path(os.environ[peer.env_var]).expanduser()
     cache = os.environ.get("DETOXRL_CACHE")
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "detoxrl") / "trl-venv"
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "detoxrl") / peer.venv_name
 
 
 def torch_requirement() -> list[str]:
@@ -49,12 +70,13 @@ def _run(argv: list[str], what: str) -> None:
         raise TRLUnavailable(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
-def ensure_trl_venv(venv: Path | None = None, log=print) -> Path:
-    """The python of a ready TRL virtualenv, building it if needed. Raises TRLUnavailable with pip's reason."""
-    venv = Path(venv or default_venv())
+def ensure_trl_venv(venv: Path | None = None, log=print, peer: Peer = TRL_1_12) -> Path:
+    """The python of a ready peer virtualenv, building it if needed. Raises TRLUnavailable with pip's reason."""
+    venv = Path(venv or default_venv(peer))
     python = venv / "bin" / "python"
     marker = venv / ".detoxrl-ready.json"
-    want = {"trl": TRL_REQUIREMENT, "torch": torch_requirement()}
+    want = ({"trl": TRL_REQUIREMENT, "torch": torch_requirement()} if peer == TRL_1_12  # the marker of old venvs
+            else {"requirements": list(peer.requirements), "torch": torch_requirement()})
     if marker.is_file() and python.is_file():
         try:
             if json.loads(marker.read_text()) == want:
@@ -67,7 +89,8 @@ def ensure_trl_venv(venv: Path | None = None, log=print) -> Path:
     with FileLock(str(venv) + ".lock"):
         if marker.is_file() and python.is_file() and json.loads(marker.read_text()) == want:
             return python  # built by another process while we waited
-        log(f"building the TRL virtualenv at {venv} ({' '.join(want['torch'])}, {TRL_REQUIREMENT}; ~1-2 min once)")
+        log(f"building the {peer.label} virtualenv at {venv} ({' '.join(want['torch'])}, "
+            f"{' '.join(peer.requirements)}; ~1-2 min once)")
         if not python.is_file():
             _run([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv")
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
@@ -76,10 +99,10 @@ def ensure_trl_venv(venv: Path | None = None, log=print) -> Path:
         pins = [line for line in freeze.stdout.splitlines() if line.lower().startswith("torch==")]
         constraints = venv / "constraints.txt"
         constraints.write_text("\n".join(pins) + "\n")
-        _run(pip + ["-c", str(constraints), TRL_REQUIREMENT, "peft"], f"pip install {TRL_REQUIREMENT} peft")
-        probe = subprocess.run([str(python), "-c", "import trl.experimental.ppo"], capture_output=True, text=True,
+        _run(pip + ["-c", str(constraints), *peer.requirements], f"pip install {' '.join(peer.requirements)}")
+        probe = subprocess.run([str(python), "-c", peer.probe], capture_output=True, text=True,
                                env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
         if probe.returncode != 0:
-            raise TRLUnavailable(f"trl.experimental.ppo does not import in {venv}:\n{probe.stderr[-2000:]}")
+            raise TRLUnavailable(f"`{peer.probe}` fails in {venv}:\n{probe.stderr[-2000:]}")
         marker.write_text(json.dumps(want))
     return python

@@ -145,3 +145,53 @@ def test_summary_and_markdown_from_step_metrics():
     row = next(line for line in md.splitlines() if line.startswith("| x |"))
     assert "| 2.00 |" in row and "| 4.00x |" in row and "generate (50%)" in row and "unavailable" in row
     assert "no network" in md and "load average" in md
+
+
+def test_learning_benchmark_smoke(demo_assets, demo_cache, tmp_path):
+    """2 steps x 2 seeds of one detoxrl configuration on the T5 toy: complete records, intervals, the table."""
+    results = tmp_path / "RESULTS.md"
+    proc = run_harness("benchmarks.learning", ["--toy", "t5", "--configs", "smoke", "--custom",
+                                               "smoke=optim.lr=1e-3 ppo.ppo_epochs=1", "--seeds", "0,1", "--steps",
+                                               "2", "--runs", str(tmp_path / "runs"), "--results", str(results)],
+                       demo_cache)
+    (rec,) = records(proc.stdout)
+    assert rec["status"] == "ok" and rec["config"] == "smoke" and set(rec["per_seed"]) == {"0", "1"}
+    for curve in rec["curves"].values():
+        assert len(curve) == 2 and all(step["responses"] == 16 for step in curve)
+        assert all(0.0 <= step["toxic_share"] <= 1.0 and 0.0 < step["distinct2"] <= 1.0 for step in curve)
+        assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # step 1 samples the untrained policy
+    for key in ("reward_gain", "gain_per_step", "toxic_start", "toxic_end", "kl_end", "distinct2_rel", "wall_s"):
+        mean, lo, hi = rec["summary"][key]
+        assert lo <= mean <= hi, key
+    assert rec["summary"]["wall_s"][0] > 0 and set(rec["meets_targets"]) == {"toxic_end", "kl_end", "distinct2_rel"}
+    table = results.read_text()
+    assert "learning benchmark, `t5` toy" in table and "| smoke | 2/2 |" in table and "--steps 2" in table
+    # a second invocation reuses the two cached runs instead of training again
+    again = run_harness("benchmarks.learning", ["--configs", "smoke", "--custom", "smoke=optim.lr=1e-3 "
+                        "ppo.ppo_epochs=1", "--seeds", "0,1", "--steps", "2", "--runs", str(tmp_path / "runs"),
+                        "--no-append"], demo_cache)
+    assert "2 run(s) cached, 0 to run" in again.stderr
+    assert records(again.stdout)[0]["per_seed"] == rec["per_seed"]
+
+
+def test_learning_summaries_and_intervals():
+    from benchmarks import learning
+
+    curve = [{"reward": 1.0, "toxic_share": 0.5, "distinct2": 0.8, "kl": 0.0, "responses": 16, "seconds": 1.0}]
+    curve += [{"reward": 3.0, "toxic_share": 0.25, "distinct2": 0.4, "kl": 2.0, "responses": 16, "seconds": 1.0}] * 9
+    s = learning.run_summary(curve)
+    assert s["reward_gain"] == pytest.approx(2.0) and s["gain_per_step"] == pytest.approx(0.2)
+    assert s["toxic_start"] == 0.5 and s["toxic_end"] == 0.25 and s["distinct2_rel"] == pytest.approx(0.5)
+    assert s["kl_end"] == 2.0 and s["responses"] == 160 and s["wall_s"] == 10.0
+    start = learning.pooled_start([curve, [dict(curve[0], reward=2.0)] + curve[1:]])
+    assert start == {"reward": 1.5, "toxic_share": 0.5, "distinct2": 0.8}
+    assert learning.run_summary(curve, start)["reward_gain"] == pytest.approx(1.5)
+    mean, lo, hi = learning.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776: half-width 2.776 * 1.5811 / sqrt(5) = 1.963
+    assert mean == 3.0 and hi - mean == pytest.approx(1.963, abs=1e-3) and mean - lo == pytest.approx(hi - mean)
+    assert learning.mean_interval([2.0]) == (2.0, 2.0, 2.0)
+    assert learning.meets_targets({"toxic_end": [0.3, 0.2, 0.4], "kl_end": [3.5, 3, 4], "distinct2_rel": [0.6, 0, 1]}) \
+        == {"toxic_end": True, "kl_end": False, "distinct2_rel": True}
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        learning.resolve_configuration("nope", {})
+    assert learning.resolve_configuration("trl011-lr1e-3", {}).lr == 1e-3
