@@ -588,11 +588,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("trl011-lr<LR>: TRL 0.11.4 PPO (both toys; trl011-nodrop-lr<LR>: model dropout 0); trl112-lr<LR>: "
               "TRL 1.12 PPO (gpt2 toy)")
         return 0
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.stdout.flush()
-    json_out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stdout: the JSON lines only
-    sys.stdout = sys.stderr
+    from benchmarks import json_only_stdout
+
+    json_out = json_only_stdout()
     import torch
     import transformers
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -122,11 +121,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.stdout.flush()
-    json_out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stdout: the JSON object only
-    sys.stdout = sys.stderr
+    from benchmarks import json_only_stdout
+
+    json_out = json_only_stdout()
     import torch
     import transformers
 

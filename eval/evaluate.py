@@ -147,6 +147,22 @@ class EvalResult:
     output_dir: Optional[Path]
 
 
+def _settings_record(cfg: Config, settings: EvalSettings, info: dict, paths: dict, n: int, world: int,
+                     device, dtype, run_dir: Optional[Path]) -> dict:
+    """The `settings` block of metrics.json: what was evaluated, how, and with which packages."""
+    temperature = settings.generation.temperature if settings.generation.do_sample else 1.0
+    return {
+        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
+        "num_samples_used": n, "temperature_for_kl": temperature,
+        "dataset": cfg.data.dataset, "dataset_path": paths["data"], "template": cfg.data.template,
+        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": info["toxicity"],
+        "reward_terms": info["reward_terms"], "judges": info["judges"],
+        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
+        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
+    }
+
+
 def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, output_dir: Optional[Path] = None,
              run_dir: Optional[Path] = None) -> Optional[EvalResult]:
     """Run the comparison. Every rank must call it; the main process returns the result (others None) and, given
@@ -197,17 +213,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     for i, recs in enumerate(per_policy):
         if [r["index"] for r in recs] != list(range(n)):
             raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
-    temperature = settings.generation.temperature if settings.generation.do_sample else 1.0
-    settings_out = {
-        **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
-        "num_samples_used": n, "temperature_for_kl": temperature,
-        "dataset": cfg.data.dataset, "dataset_path": paths["data"], "template": cfg.data.template,
-        "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
-        "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": info["toxicity"],
-        "reward_terms": info["reward_terms"], "judges": info["judges"],
-        "world_size": world, "device": str(device), "dtype": str(dtype), "run_dir": str(run_dir) if run_dir else None,
-        "recipe_hash": config_hash(cfg), "packages": {**package_versions(), **_eval_packages()},
-    }
+    settings_out = _settings_record(cfg, settings, info, paths, n, world, device, dtype, run_dir)
     result_metrics = compute_metrics(per_policy, first_prompts.references, sources, info["term_names"], kl_available,
                                      settings)
     metrics_doc = {
