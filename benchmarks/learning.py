@@ -90,51 +90,55 @@ def _toys() -> dict[str, Toy]:
 
 # name -> (what it is, trainer overrides on top of the toy's settings). Defaults are the trainer's dataclass
 # defaults, so `default` follows whatever the trainer ships.
+# The settings the rows of RESULTS.md were measured with, written out, so that a changed trainer default does not
+# change what an older name means. TUNED = today's defaults (lr 3e-4, 2 epochs, KL 0.2 -> 3, vf_coef 0.1, detached
+# critic); OLD = the defaults before issue 9 (lr 1.41e-5, 4 epochs, KL target 6, shared critic).
+TUNED = ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0", "ppo.kl.horizon=10000",
+         "ppo.vf_coef=0.1"]
+OLD = ["optim.lr=1.41e-5", "ppo.ppo_epochs=4", "ppo.kl.target=6.0", "critic.mode=shared"]
+K4 = ["ppo.k=4"]
+
+# name -> (what it is, trainer overrides on top of the toy's settings). `default` has none: it follows whatever
+# the trainer ships.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "default": ("the trainer's defaults (no overrides)", []),
+    "old-default": ("the defaults before issue 9: lr 1.41e-5, 4 epochs, KL 0.2 -> 6, shared critic", OLD),
     "seeds": ("the seeds' PPO hyperparameters: lr 1.41e-5, 1 PPO epoch, adaptive KL 0.2 -> 6 (horizon 10000)",
               ["optim.lr=1.41e-5", "ppo.ppo_epochs=1", "ppo.kl.init_coef=0.2", "ppo.kl.adaptive=true",
-               "ppo.kl.target=6.0", "ppo.kl.horizon=10000"]),
-    "demo": ("the demo recipe's settings: lr 1e-3, 2 epochs, KL 0.2 -> 3, vf_coef 0.1",
-             ["optim.lr=1e-3", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
-              "ppo.kl.horizon=10000", "ppo.vf_coef=0.1"]),
-    "demo-lr3e-4": ("the demo recipe's settings at lr 3e-4 (gae, shared critic)",
-                    ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
-                     "ppo.kl.horizon=10000", "ppo.vf_coef=0.1"]),
-    "demo-lr3e-4-detached": ("demo-lr3e-4 with the value head on detached hidden states",
-                             ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
-                              "ppo.kl.horizon=10000", "ppo.vf_coef=0.1", "critic.mode=detached"]),
-    "demo-lr3e-4-rloo-k4": ("demo-lr3e-4 with RLOO, 4 responses per prompt (no critic)",
-                            ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0",
-                             "ppo.kl.horizon=10000", "ppo.estimator=rloo", "ppo.k=4"]),
+               "ppo.kl.target=6.0", "ppo.kl.horizon=10000", "critic.mode=shared"]),
+    "demo": ("the demo recipe's settings before issue 9: lr 1e-3, 2 epochs, KL 0.2->3, vf_coef 0.1",
+             TUNED[1:] + ["optim.lr=1e-3", "critic.mode=shared"]),
+    "demo-lr3e-4": ("lr 3e-4, 2 epochs, KL 0.2 -> 3, vf_coef 0.1 (gae, shared critic)", TUNED + ["critic.mode=shared"]),
+    "demo-lr3e-4-detached": ("demo-lr3e-4 with the value head on detached hidden states (= today's defaults)",
+                             TUNED + ["critic.mode=detached"]),
     "demo-lr3e-4-adapter": ("demo-lr3e-4 with a separate critic LoRA adapter on the same base",
-                            ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0", "ppo.kl.horizon=10000", "ppo.vf_coef=0.1", "critic.mode=adapter"]),
+                            TUNED + ["critic.mode=adapter"]),
+    "demo-lr3e-4-rloo-k4": ("demo-lr3e-4 with RLOO, 4 responses per prompt (no critic)",
+                            TUNED + ["ppo.estimator=rloo"] + K4),
     "demo-lr3e-4-grpo-k4": ("demo-lr3e-4 with GRPO advantages (group mean/std), 4 per prompt",
-                            ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0", "ppo.kl.horizon=10000", "ppo.estimator=grpo", "ppo.k=4"]),
+                            TUNED + ["ppo.estimator=grpo"] + K4),
     "demo-lr3e-4-dr_grpo-k4": ("demo-lr3e-4 with Dr. GRPO (no std scaling, token sum / constant), 4 per prompt",
-                               ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0", "ppo.kl.horizon=10000", "ppo.estimator=grpo", "ppo.k=4", "ppo.group_std_scale=false",
-                                "ppo.loss_aggregation=token_sum_norm"]),
+                               TUNED + ["ppo.estimator=grpo", "ppo.group_std_scale=false",
+                                        "ppo.loss_aggregation=token_sum_norm"] + K4),
     "demo-lr3e-4-reinforce_pp-k4": ("demo-lr3e-4 with REINFORCE++ (global-batch normalised), 4 per prompt",
-                                    ["optim.lr=3e-4", "ppo.ppo_epochs=2", "ppo.kl.init_coef=0.2", "ppo.kl.target=3.0", "ppo.kl.horizon=10000", "ppo.estimator=reinforce_pp", "ppo.k=4"]),
-    "seeds-lr1e-3": ("the seeds' settings at lr 1e-3", ["optim.lr=1e-3", "ppo.ppo_epochs=1"]),
-    "lr1e-3": ("defaults at lr 1e-3 (gae, shared critic)", ["optim.lr=1e-3"]),
-    "lr3e-3": ("defaults at lr 3e-3", ["optim.lr=3e-3"]),
-    "detached-lr1e-3": ("value head on detached hidden states, lr 1e-3", ["optim.lr=1e-3", "critic.mode=detached"]),
-    "adapter-lr1e-3": ("a separate critic LoRA adapter on the same base, lr 1e-3",
-                       ["optim.lr=1e-3", "critic.mode=adapter"]),
-    "detached-std-rel-lr1e-3": ("detached critic, reward divided by its running std, relative value clip, "
-                                "critic lambda 1, 4-step critic warm-up, lr 1e-3",
-                                ["optim.lr=1e-3", "critic.mode=detached", "reward.normalize=true",
-                                 "reward.normalize_shift_mean=false", "critic.value_clip=relative", "critic.lam=1.0",
-                                 "critic.warmup_steps=4"]),
-    "rloo-k4-lr1e-3": ("RLOO, 4 responses per prompt, lr 1e-3", ["optim.lr=1e-3", "ppo.estimator=rloo", "ppo.k=4"]),
-    "grpo-k4-lr1e-3": ("GRPO advantages (group mean/std), 4 per prompt, lr 1e-3",
-                       ["optim.lr=1e-3", "ppo.estimator=grpo", "ppo.k=4"]),
-    "dr_grpo-k4-lr1e-3": ("Dr. GRPO (no std scaling, token sum / constant), 4 per prompt, lr 1e-3",
-                          ["optim.lr=1e-3", "ppo.estimator=grpo", "ppo.k=4", "ppo.group_std_scale=false",
-                           "ppo.loss_aggregation=token_sum_norm"]),
-    "reinforce_pp-k4-lr1e-3": ("REINFORCE++ (global-batch normalised), 4 per prompt, lr 1e-3",
-                               ["optim.lr=1e-3", "ppo.estimator=reinforce_pp", "ppo.k=4"]),
+                                    TUNED + ["ppo.estimator=reinforce_pp"] + K4),
+    "default-std-scaling": ("defaults + reward divided by its running std (mean not shifted)",
+                            ["reward.normalize=true", "reward.normalize_shift_mean=false"]),
+    "default-standardise": ("defaults + reward standardised (running mean and std)", ["reward.normalize=true"]),
+    "default-relative-clip": ("defaults + value clip relative to the returns' std", ["critic.value_clip=relative"]),
+    "default-no-clip": ("defaults without value clipping", ["critic.value_clip=none"]),
+    "default-warmup4": ("defaults + 4 critic warm-up steps", ["critic.warmup_steps=4"]),
+    "default-critic-lam1": ("defaults + critic lambda 1 (policy lambda 0.95)", ["critic.lam=1.0"]),
+    "default-horizon200": ("defaults + KL controller horizon 200 (beta adapts within the run)",
+                           ["ppo.kl.horizon=200"]),
+    "seeds-lr1e-3": ("the seeds' settings at lr 1e-3", OLD[1:] + ["optim.lr=1e-3", "ppo.ppo_epochs=1"]),
+    "lr1e-3": ("the old defaults at lr 1e-3 (gae, shared critic)", OLD[1:] + ["optim.lr=1e-3"]),
+    "lr3e-3": ("the old defaults at lr 3e-3", OLD[1:] + ["optim.lr=3e-3"]),
+    "detached-lr1e-3": ("old defaults, detached critic, lr 1e-3", OLD[1:3] + ["optim.lr=1e-3", "critic.mode=detached"]),
+    "adapter-lr1e-3": ("old defaults, a separate critic LoRA adapter, lr 1e-3",
+                       OLD[1:3] + ["optim.lr=1e-3", "critic.mode=adapter"]),
+    "rloo-k4-lr1e-3": ("RLOO, 4 per prompt, old defaults at lr 1e-3", OLD[1:] + ["optim.lr=1e-3", "ppo.estimator=rloo"] + K4),
+    "grpo-k4-lr1e-3": ("GRPO, 4 per prompt, old defaults at lr 1e-3", OLD[1:] + ["optim.lr=1e-3", "ppo.estimator=grpo"] + K4),
 }
 PEER_NAME = re.compile(r"^(trl011|trl112)(-nodrop)?-lr([0-9.eE+-]+)$")
 
