@@ -38,6 +38,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="N", help="compare the start against checkpoint step N instead of final/")
     p.add_argument("--split", help="data split of the prompts (default: the recipe's evaluation.split, e.g. test)")
     p.add_argument("--num-samples", "-n", type=int, help="number of prompts (default: evaluation.num_samples)")
+    p.add_argument("--samples-per-prompt", type=int,
+                   help="responses sampled per prompt (default: evaluation.samples_per_prompt)")
     p.add_argument("--seed", type=int, help="sampling seed (default: run.seed)")
     p.add_argument("--batch-size", type=int, help="prompts per generate() call (default: "
                    "generation.rollout_batch_size); part of what fixes the samples")
@@ -141,7 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         sources = [resolve_policy(s, run) for s in specs]
         unique_labels(sources)
         settings = settings_from_config(
-            cfg, split=args.split, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+            cfg, split=args.split, num_samples=args.num_samples, samples_per_prompt=args.samples_per_prompt,
+            seed=args.seed, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
             do_sample=False if args.greedy else None, top_k=args.top_k, top_p=args.top_p,
             temperature=args.temperature, classifier=args.classifier, toxic_label=args.toxic_label,

@@ -1,9 +1,10 @@
 """Evaluate two or more policies on the same prompts with the same sampling seeds.
 
     prompts    the recipe's data config on the chosen split (test by default), the first N usable rows
-    work       prompts are cut into fixed chunks of `batch_size`; chunk c is sampled with seed (seed, c), the
-               same for every policy; under `accelerate launch` rank r takes chunks r, r + W, ... — so every
-               sample depends only on its chunk, and 1 or N processes give the same numbers
+    work       the trainer's held-out plan (train/heldout.py): N prompts x `samples_per_prompt` draws, in fixed
+               chunks of `batch_size`, chunk c sampled with seed (seed, c), the same for every policy; under
+               `accelerate launch` rank r takes chunks r, r + W, ... — so every sample depends only on its chunk,
+               1 or N processes give the same numbers, and they are the trainer's before/after figures
     generate   per policy: batched sampling, then the sequence log-prob of each response under the policy and
                under the first policy (the baseline); their difference is the sample's KL estimate
     score      every reward term of the recipe (the prompt, when a term scores it, is cut from the left), the
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from detoxrl.eval import metrics as M
@@ -33,8 +33,8 @@ from detoxrl.train import assets
 from detoxrl.train.config import Config, GenerationConfig, RewardTermConfig, config_hash
 from detoxrl.train.data import build_prompts, load_rows
 from detoxrl.train.distributed import make_accelerator
-from detoxrl.train.experience import sample_responses
 from detoxrl.train.experience import score_responses as score_all
+from detoxrl.train.heldout import heldout_generation, sample_chunk, sample_chunks
 from detoxrl.train.judges import Judge
 from detoxrl.train.models import lm_forward, load_tokenizer, resolve_dtype
 from detoxrl.train.ppo_math import logprobs_from_logits
@@ -54,6 +54,9 @@ class EvalSettings:
     """Data split the prompts come from."""
     num_samples: int = 32
     """Prompts (the first N usable rows of the split)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (each sample from its own seeded chunk); the recipe's
+    evaluation.samples_per_prompt by default."""
     seed: int = 0
     """Sampling seed; chunk c of every policy is sampled with seed (seed, c)."""
     batch_size: int = 32
@@ -87,11 +90,10 @@ class EvalSettings:
 
 def settings_from_config(cfg: Config, **overrides: Any) -> EvalSettings:
     """The recipe's evaluation and generation sections as defaults; keyword overrides win (None = keep)."""
-    g = cfg.generation
-    # one fixed length for every policy: the recipe's, or the low end of its drawn range (the seeds: 100 of 100..400)
-    max_new = g.max_new_tokens_range[0] if g.max_new_tokens_range else g.max_new_tokens
-    s = EvalSettings(split=cfg.evaluation.split, num_samples=cfg.evaluation.num_samples, seed=cfg.run.seed,
-                     batch_size=g.rollout_batch_size, max_new_tokens=max_new, generation=replace(g),
+    g = heldout_generation(cfg.generation)  # one fixed length for every policy, as the trainer's held-out figures
+    s = EvalSettings(split=cfg.evaluation.split, num_samples=cfg.evaluation.num_samples,
+                     samples_per_prompt=cfg.evaluation.samples_per_prompt, seed=cfg.run.seed,
+                     batch_size=g.rollout_batch_size, max_new_tokens=g.max_new_tokens, generation=replace(g),
                      term=cfg.evaluation.term, toxic_label=cfg.evaluation.toxic_label,
                      cpu_threads=cfg.run.cpu_threads,
                      judge_thresholds={j.name or j.model: j.threshold for j in cfg.judges})
@@ -103,17 +105,10 @@ def settings_from_config(cfg: Config, **overrides: Any) -> EvalSettings:
             setattr(s.generation, key, value)
         else:
             setattr(s, key, value)
-    if s.num_samples < 1 or s.batch_size < 1 or s.max_new_tokens < 1:
-        raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
-    if s.generation.min_new_tokens > s.max_new_tokens:
-        s.generation.min_new_tokens = s.max_new_tokens
-    s.generation.rollout_batch_size = s.batch_size
-    s.generation.max_new_tokens, s.generation.max_new_tokens_range = s.max_new_tokens, None
+    if min(s.num_samples, s.samples_per_prompt, s.batch_size, s.max_new_tokens) < 1:
+        raise ValueError("num_samples, samples_per_prompt, batch_size and max_new_tokens must be >= 1")
+    s.generation = heldout_generation(s.generation, s.max_new_tokens, s.batch_size)
     return s
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
 def sequence_logprob(lm, kind: str, rollout: Rollout, temperature: float) -> torch.Tensor:
@@ -153,7 +148,7 @@ def _settings_record(cfg: Config, settings: EvalSettings, info: dict, paths: dic
     temperature = settings.generation.temperature if settings.generation.do_sample else 1.0
     return {
         **{k: v for k, v in asdict(settings).items() if k not in ("progress",)},
-        "num_samples_used": n, "temperature_for_kl": temperature,
+        "num_samples_used": n, "num_responses": n * settings.samples_per_prompt, "temperature_for_kl": temperature,
         "dataset": cfg.data.dataset, "dataset_path": paths["data"], "template": cfg.data.template,
         "text_field": cfg.data.text_field, "reference_field": cfg.data.reference_field,
         "max_prompt_tokens": cfg.data.max_prompt_tokens, "toxicity": info["toxicity"],
@@ -182,12 +177,13 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
         rows = load_rows(paths["data"], settings.split)
     prompt_sets = _prompt_sets(cfg, sources, settings, rows)
     first_prompts = prompt_sets[(sources[0].tokenizer_path, sources[0].kind)]
-    n = len(first_prompts)
-    starts = list(range(0, n, settings.batch_size))
-    chunks = {c: list(range(starts[c], min(starts[c] + settings.batch_size, n)))
-              for c in range(len(starts)) if c % world == rank}
-    log.info("evaluating %d policies on %d prompts of %r split %r (%d chunks of %d, %d process(es))",
-             len(sources), n, cfg.data.dataset, settings.split, len(starts), settings.batch_size, world)
+    n_prompts = len(first_prompts)
+    plan = sample_chunks(n_prompts, settings.samples_per_prompt, settings.batch_size)
+    n = n_prompts * settings.samples_per_prompt  # samples; sample s answers prompt s % n_prompts
+    chunks = {c: samples for c, samples in enumerate(plan) if c % world == rank}
+    log.info("evaluating %d policies on %d prompts x %d samples of %r split %r (%d chunks of %d, %d process(es))",
+             len(sources), n_prompts, settings.samples_per_prompt, cfg.data.dataset, settings.split, len(plan),
+             settings.batch_size, world)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=2 * len(chunks) * len(sources), desc="eval", unit="chunk", dynamic_ncols=True,
@@ -213,9 +209,10 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
     for i, recs in enumerate(per_policy):
         if [r["index"] for r in recs] != list(range(n)):
             raise RuntimeError(f"gathered samples of policy {i} are incomplete ({len(recs)} of {n})")
-    settings_out = _settings_record(cfg, settings, info, paths, n, world, device, dtype, run_dir)
-    result_metrics = compute_metrics(per_policy, first_prompts.references, sources, info["term_names"], kl_available,
-                                     settings)
+    settings_out = _settings_record(cfg, settings, info, paths, n_prompts, world, device, dtype, run_dir)
+    references = [first_prompts.references[s % n_prompts] for s in range(n)]
+    texts = [first_prompts.texts[s % n_prompts] for s in range(n)]
+    result_metrics = compute_metrics(per_policy, references, sources, info["term_names"], kl_available, settings)
     metrics_doc = {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -227,7 +224,7 @@ def evaluate(cfg: Config, sources: list[PolicySource], settings: EvalSettings, o
                    "total_s": round(time.perf_counter() - t_start, 3)},
     }
     metrics_doc["flags"] = M.judge_flags(metrics_doc)
-    samples = sample_rows(per_policy, first_prompts.texts, first_prompts.references, sources, info["term_names"])
+    samples = sample_rows(per_policy, texts, references, sources, info["term_names"])
     if output_dir is not None:
         from detoxrl.eval.report import write_report
         write_report(Path(output_dir), metrics_doc, samples, run_dir)
@@ -281,8 +278,8 @@ def _generate(sources: list[PolicySource], prompt_sets: dict[tuple[str, str], An
             log.warning("policy %s does not share the baseline's vocabulary: no KL to it", src.label)
         kl_available.append(kl_ok)
         for c, idx in chunks.items():
-            rollout, responses = sample_responses(policy, [prompts.input_ids[j] for j in idx], policy.tokenizer, gen,
-                                                  settings.max_new_tokens, device, seed=chunk_seed(settings.seed, c))
+            rollout, responses = sample_chunk(policy, prompts.input_ids, idx, c, settings.seed, policy.tokenizer, gen,
+                                              device)
             if i == 0:
                 kl = [0.0] * len(idx)
             elif kl_ok:
@@ -322,7 +319,7 @@ def _score(cfg: Config, settings: EvalSettings, sources: list[PolicySource], pro
         prompts = prompt_sets[(src.tokenizer_path, src.kind)]
         for c in chunks:
             recs = by_key[(i, c)]
-            scored = score_responses(terms, toxicity, [prompts.texts[r["index"]] for r in recs],
+            scored = score_responses(terms, toxicity, [prompts.texts[r["index"] % len(prompts)] for r in recs],
                                      [r["response"] for r in recs], judges)
             for k, r in enumerate(recs):
                 r["reward"] = scored["reward"][k]

@@ -117,7 +117,9 @@ def settings_summary(doc: dict[str, Any]) -> str:
     judges = s.get("judges") or []
     judge_text = ("; judges: " + ", ".join(f"{j['name']} P({j['label']})" for j in judges)) if judges else \
         "; no judges"
-    return (f"{s['num_samples_used']} prompts from {s['dataset']} split {s['split']}; {sampling}, "
+    draws = s.get("samples_per_prompt", 1)
+    prompts = f"{s['num_samples_used']} prompts" + (f" x {draws} samples" if draws > 1 else "")
+    return (f"{prompts} from {s['dataset']} split {s['split']}; {sampling}, "
             f"{g['min_new_tokens']}-{s['max_new_tokens']} new tokens, seed {s['seed']} (chunks of "
             f"{s['batch_size']}); {tox_text}{judge_text}; baseline {doc['baseline']}; {s['world_size']} process(es).")
 

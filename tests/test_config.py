@@ -36,13 +36,36 @@ def test_every_yaml_under_configs_is_valid_yaml():
         yaml.safe_load(f.read_text())
 
 
+def seeds_variant(recipe: Path) -> list[str]:
+    """The overrides of a recipe's `# seeds-variant:` comment line (the seeds' exact hyperparameters)."""
+    lines = [ln for ln in recipe.read_text().splitlines() if ln.startswith("# seeds-variant:")]
+    assert len(lines) == 1, f"{recipe.name}: expected one '# seeds-variant:' line"
+    return lines[0].split(":", 1)[1].split()
+
+
+@pytest.mark.parametrize("name", ["flan_t5_base_dialogsum_detox", "flan_t5_cola_neutral", "gpt2_imdb_negative",
+                                  "gpt2_imdb_positive"])
+def test_every_recipe_learns_by_default_and_documents_the_seeds_variant(name):
+    """Each shipped recipe carries the settings that move a LoRA policy (lr 3e-4, 2 epochs, KL target 3, detached
+    critic) and a `# seeds-variant:` line whose overrides load and restore the seeds' lr 1.41e-5."""
+    recipe = REPO / "configs/ppo" / f"{name}.yaml"
+    cfg = load_config(recipe)
+    assert (cfg.optim.lr, cfg.ppo.ppo_epochs, cfg.ppo.kl.target, cfg.critic.mode) == (3e-4, 2, 3.0, "detached")
+    seeds = load_config(recipe, seeds_variant(recipe))
+    assert seeds.optim.lr == 1.41e-5 and seeds.ppo.kl.target == 6.0 and seeds.critic.mode == "shared"
+
+
 def test_seed_recipe_hyperparameters():
     cfg = load_config(REPO / "configs/ppo/flan_t5_base_dialogsum_detox.yaml")
     assert cfg.policy.model == "google/flan-t5-base"
     assert (cfg.policy.lora.r, cfg.policy.lora.alpha, cfg.policy.lora.dropout) == (32, 32, 0.05)
     assert cfg.reward.terms[0].model == "facebook/roberta-hate-speech-dynabench-r4-target"
     assert cfg.reward.terms[0].label == "nothate"
-    assert (cfg.optim.lr, cfg.ppo.ppo_epochs, cfg.ppo.batch_size, cfg.ppo.mini_batch_size) == (1.41e-5, 1, 16, 4)
+    assert (cfg.optim.lr, cfg.ppo.ppo_epochs, cfg.ppo.batch_size, cfg.ppo.mini_batch_size) == (3e-4, 2, 16, 4)
+    assert (cfg.ppo.kl.target, cfg.critic.mode) == (3.0, "detached")
+    seeds = load_config(REPO / "configs/ppo/flan_t5_base_dialogsum_detox.yaml",
+                        seeds_variant(REPO / "configs/ppo/flan_t5_base_dialogsum_detox.yaml"))
+    assert (seeds.optim.lr, seeds.ppo.ppo_epochs, seeds.ppo.kl.target, seeds.critic.mode) == (1.41e-5, 1, 6.0, "shared")
     assert cfg.generation.max_new_tokens_range == [100, 400] and cfg.generation.top_k == 0
     cola = load_config(REPO / "configs/ppo/flan_t5_cola_neutral.yaml")
     assert [(t.label, t.weight) for t in cola.reward.terms] == [("LABEL_1", 1.0), ("LABEL_1", 0.5)]
@@ -79,7 +102,7 @@ def test_override_can_replace_the_list_of_reward_terms():
     ("run.total_steps=0", "run.total_steps"),
     ("notakeyvalue", "section.key=value"),
     ("ppo.k=3", "ppo.batch_size: (16) counts responses and must be divisible by ppo.k (3)"),
-    ("ppo.estimator=rloo", "ppo.k: ppo.estimator=rloo compares the responses to one prompt: needs ppo.k >= 2"),
+    ("ppo.k=1", "ppo.k: ppo.estimator=rloo compares the responses to one prompt: needs ppo.k >= 2"),
     ("ppo.kl.mode=loss", "ppo.kl.estimator: ppo.kl.mode=loss needs k2 or k3"),
     ("critic.warmup_steps=-1", "critic.warmup_steps"),
     ("critic.value_clip=off", "critic.value_clip"),          # YAML's false: the choices are named
@@ -132,7 +155,8 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize("overrides, fragment", [
     (["ppo.estimator=grpo", "ppo.k=4", "critic.mode=adapter"], "critic.mode: adapter builds a critic that"),
     (["ppo.estimator=rloo", "ppo.k=4", "critic.warmup_steps=2"], "critic.warmup_steps: ppo.estimator=rloo trains no"),
-    (["critic.mode=adapter", "policy.gradient_checkpointing=true"], "policy.gradient_checkpointing: cannot be combined"),
+    (["ppo.estimator=gae", "critic.mode=adapter", "policy.gradient_checkpointing=true"],
+     "policy.gradient_checkpointing: cannot be combined"),
 ])
 def test_critic_options_that_cannot_work_together_fail(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -351,7 +351,10 @@ class EvaluationConfig:
     split: str = "test"
     """Data split of the held-out prompts."""
     num_samples: int = 32
-    """Held-out prompts."""
+    """Held-out prompts (the first N usable rows of `split`)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per held-out prompt, each from its own seeded chunk: more draws narrow the interval of a
+    small prompt set (the demo: 40 prompts x 8). detoxrl-eval takes the same default, so both print the same."""
     term: int = 0
     """Index of the reward term whose classifier measures toxicity."""
     toxic_label: str = "hate"
@@ -645,6 +648,7 @@ def validate(cfg: Config) -> None:
     e = cfg.evaluation
     _check(0 <= e.term < len(rw.terms), "evaluation.term", f"must index reward.terms (0..{len(rw.terms) - 1})")
     _check(e.num_samples >= 1, "evaluation.num_samples", "must be >= 1")
+    _check(e.samples_per_prompt >= 1, "evaluation.samples_per_prompt", "must be >= 1")
     names = []
     for i, j in enumerate(cfg.judges):
         _check(bool(j.model), f"judges.{i}.model", "must name a model")

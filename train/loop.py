@@ -295,8 +295,9 @@ def evaluate_heldout(t: Trainer, progress: Progress, when: str) -> dict[str, Any
         progress.evaluation[when] = heldout_evaluation(t.unwrapped, t.inputs.tokenizer, held.input_ids[:n],
                                                        held.texts[:n], t.reward, t.cfg, t.device, synced, t.judges)
     if when == "before":
-        log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts)",
-                 progress.evaluation["before"]["toxicity_mean"], progress.evaluation["before"]["reward_mean"], n)
+        log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts x %d samples)",
+                 progress.evaluation["before"]["toxicity_mean"], progress.evaluation["before"]["reward_mean"], n,
+                 t.cfg.evaluation.samples_per_prompt)
         if t.is_main:  # on disk now: a run stopped early (signal, alarm) still has its starting point
             write_json(t.out / "eval_before_after.json", progress.evaluation)
     return progress.evaluation[when]

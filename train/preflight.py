@@ -64,8 +64,8 @@ def preflight(cfg: Config) -> RunInputs:
     if window is not None:
         g = cfg.generation
         check_window(prompts, max(g.max_new_tokens, (g.max_new_tokens_range or [0, 0])[1]), window)
-        if heldout is not None:  # the held-out evaluation samples generation.max_new_tokens
-            check_window(heldout, g.max_new_tokens, window)
+        if heldout is not None:  # the held-out budget: max_new_tokens, or the low end of its range (heldout.py)
+            check_window(heldout, g.max_new_tokens_range[0] if g.max_new_tokens_range else g.max_new_tokens, window)
     return RunInputs(policy_path, kind, tokenizer, prompts, heldout)
 
 
