@@ -3,7 +3,11 @@ PPO) and TRL 0.11.4 (the seeds' own library: the old `step()` API, T5 PPO via Au
 
 Built on first use, then reused: torch pinned to the version this environment runs (so pip never swaps in a
 different build, nor several GB of CUDA wheels on a CPU machine), then the peer's pins with a constraint that
-keeps that torch. Location: $DETOXRL_TRL_VENV (TRL 1.12) / $DETOXRL_TRL011_VENV (TRL 0.11.4), else
+keeps that torch. TRL 1.12 runs on the very packages detoxrl runs on (torch, transformers, accelerate, peft,
+datasets: the versions its pins accept), so its venv is layered: a `.pth` file puts this environment's
+site-packages after the venv's own, and pip installs only TRL itself (seconds, instead of a second copy of torch);
+anything TRL needed in another version would be installed into the venv and shadow the layer. TRL 0.11.4 needs
+transformers 4, so its venv is a full one. Location: $DETOXRL_TRL_VENV (TRL 1.12) / $DETOXRL_TRL011_VENV (TRL 0.11.4), else
 $DETOXRL_CACHE/<name>, else ~/.cache/detoxrl/<name>. $DETOXRL_TRL_TORCH overrides the torch requirement (e.g. a
 CUDA build from another index: `DETOXRL_TRL_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`).
 """
@@ -30,9 +34,11 @@ class Peer:
     env_var: str                     # overrides the location
     requirements: tuple[str, ...]
     probe: str                       # python source that must run in the venv
+    layered: bool = False            # on top of this environment's packages (see the module docstring)
 
 
-TRL_1_12 = Peer("TRL 1.12", "trl-venv", "DETOXRL_TRL_VENV", (TRL_REQUIREMENT, "peft"), "import trl.experimental.ppo")
+TRL_1_12 = Peer("TRL 1.12", "trl-venv", "DETOXRL_TRL_VENV", (TRL_REQUIREMENT, "peft"), "import trl.experimental.ppo",
+                layered=True)
 # The pins that install together with torch 2.13 (checked on this machine); trl 0.11.4 imports `rich` without
 # declaring it.
 TRL_0_11 = Peer("TRL 0.11.4", "trl011-venv", "DETOXRL_TRL011_VENV",
@@ -60,6 +66,19 @@ def torch_requirement() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}"]
 
 
+def _site_packages() -> str:
+    import sysconfig
+
+    return sysconfig.get_paths()["purelib"]
+
+
+def _layer_on_this_environment(python: Path) -> None:
+    """A .pth file in the venv's site-packages that appends this environment's site-packages to its sys.path."""
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "_detoxrl_layer.pth").write_text(_site_packages() + "\n")
+
+
 def _run(argv: list[str], what: str) -> None:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
@@ -75,8 +94,10 @@ def ensure_trl_venv(venv: Path | None = None, log=print, peer: Peer = TRL_1_12) 
     venv = Path(venv or default_venv(peer))
     python = venv / "bin" / "python"
     marker = venv / ".detoxrl-ready.json"
-    want = ({"trl": TRL_REQUIREMENT, "torch": torch_requirement()} if peer == TRL_1_12  # the marker of old venvs
-            else {"requirements": list(peer.requirements), "torch": torch_requirement()})
+    want: dict = ({"trl": TRL_REQUIREMENT, "torch": torch_requirement()} if peer == TRL_1_12  # the marker of old venvs
+                  else {"requirements": list(peer.requirements), "torch": torch_requirement()})
+    if peer.layered:
+        want["layered_on"] = _site_packages()
     if marker.is_file() and python.is_file():
         try:
             if json.loads(marker.read_text()) == want:
@@ -94,7 +115,10 @@ def ensure_trl_venv(venv: Path | None = None, log=print, peer: Peer = TRL_1_12) 
         if not python.is_file():
             _run([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv")
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        _run(pip + want["torch"], f"pip install {' '.join(want['torch'])}")
+        if peer.layered:
+            _layer_on_this_environment(python)
+        else:
+            _run(pip + want["torch"], f"pip install {' '.join(want['torch'])}")
         freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
         pins = [line for line in freeze.stdout.splitlines() if line.lower().startswith("torch==")]
         constraints = venv / "constraints.txt"

@@ -28,7 +28,7 @@ from conftest import REPO
 from test_train import FAST, recipe_overrides
 
 RECIPES = REPO / "configs" / "ppo"
-EVAL_ARGS = ["--num-samples", "12", "--batch-size", "5", "--bootstrap", "200", "--no-progress"]
+EVAL_ARGS = ["--num-samples", "12", "--samples-per-prompt", "1", "--batch-size", "5", "--bootstrap", "200", "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -274,9 +274,10 @@ def test_eval_refuses_non_finite_reward_scores_as_training_does(demo_assets, mon
 # ---- the demo's claim ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_eval_of_the_demo_run_shows_the_improvement_the_demo_claims(shipped_demo_run, tmp_path):
-    """The demo recipe as shipped, then `detoxrl-eval` on it: toxicity clearly down (the README claims about -90%;
+    """The demo recipe as shipped, then `detoxrl-eval` on it: toxicity clearly down (the README claims about -85%;
     checked as after < 0.5 x before), with a bootstrap interval above zero, the reward up, a measured KL to the
-    start, and summaries that are still summaries (ROUGE-L kept within 30% of the start's)."""
+    start, summaries that are still summaries (ROUGE-L kept within 30% of the start's), and the same figures the
+    trainer printed."""
     _, run_dir = shipped_demo_run
     run = RunContext.load(run_dir)
     settings = settings_from_config(run.cfg, progress=False)
@@ -290,9 +291,15 @@ def test_eval_of_the_demo_run_shows_the_improvement_the_demo_claims(shipped_demo
     assert final["vs_baseline"]["reward_mean_change"]["ci_low"] > 0
     assert start["kl_to_baseline"]["mean"] == 0.0 and final["kl_to_baseline"]["mean"] > 0.0
     assert start["rouge"]["rougeL"] > 0 and final["rouge"]["rougeL"] > 0
-    # the trainer measured the same direction on the same held-out prompts
+    # one evaluator: the trainer's printed before/after are these very figures (same samples, same seeds)
     ba = json.loads((run_dir / "eval_before_after.json").read_text())
-    assert ba["after"]["toxicity_mean"] < 0.5 * ba["before"]["toxicity_mean"]
+    draws = run.cfg.evaluation.samples_per_prompt
+    assert draws > 1 and start["num_samples"] == ba["before"]["num_samples"] == run.cfg.evaluation.num_samples * draws
+    for policy, when in ((start, "before"), (final, "after")):
+        assert policy["toxicity"]["mean"] == pytest.approx(ba[when]["toxicity_mean"], abs=1e-6), when
+        assert policy["reward"]["mean"] == pytest.approx(ba[when]["reward_mean"], abs=1e-5), when
+        assert policy["judges"]["demo-judge"]["mean"] == pytest.approx(ba[when]["judges"]["demo-judge"]["mean"],
+                                                                       abs=1e-6), when
 
 
 # ---- 2 processes -------------------------------------------------------------------------------------------
