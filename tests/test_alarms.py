@@ -6,8 +6,6 @@ its summaries falls under half of its start."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +15,7 @@ from detoxrl.train.alarms import (ALARMS, DISAGREEMENT, ENTROPY, KL, LENGTH, REP
 from detoxrl.train.cli import EXIT_ALARM
 from detoxrl.train.config import AlarmsConfig, ConfigError, load_config
 
+from benchmarks.alarms_study import rouge_l_per_step  # docs/alarms.md's table uses the same
 from conftest import REPO
 
 
@@ -123,18 +122,6 @@ def test_config_refuses_bad_alarm_and_judge_settings():
 
 
 # ---- real runs ------------------------------------------------------------------------------------------------
-def rouge_l_per_step(run_dir: Path) -> dict[int, float]:
-    """Mean ROUGE-L F of each step's logged responses (samples.jsonl) against the reference summaries."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    per_step = defaultdict(list)
-    for line in (run_dir / "samples.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        per_step[row["step"]].append(scorer.score(row["reference"], row["response"])["rougeL"].fmeasure)
-    return {s: sum(v) / len(v) for s, v in sorted(per_step.items())}
-
-
 @pytest.mark.slow
 def test_shipped_demo_fires_no_alarm_and_writes_samples_with_judges(shipped_demo_run):
     result, run_dir = shipped_demo_run
