@@ -78,6 +78,10 @@ def shipped_demo_run(demo_assets, tmp_path_factory):
     return train(cfg), out
 
 
+# The demo recipe on the GAE path with one response per prompt, as it was before it switched to RLOO (k = 4): the
+# tests of distributed and resume mechanics that use the demo's models build on it (and name each estimator they test).
+DEMO_GAE = ["ppo.estimator=gae", "ppo.k=1"]
+
 # The over-optimised demo (docs/alarms.md): a learning rate 3x the demo's and a fixed, weak KL pull.
 OVER_OPTIMISED = ["optim.lr=3e-3", "ppo.kl.init_coef=0.05", "ppo.kl.adaptive=false"]
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEMO_GAE
 from documented import cpu_launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ STRATEGY_TIMEOUT = 240  # seconds per launch; a hang (the ZeRO-3 generation dead
 # The demo's tiny policy (a T5 fine-tuned to summarise: its responses end at different lengths), a shared reference,
 # 3 PPO steps of 4 prompts per rank, 2 epochs of 2 mini-batches of 2 micro-batches: the runs are identical in every
 # strategy, so their final adapters must agree.
-RUN_OVERRIDES = ["run.total_steps=3", "run.cpu_threads=1", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+RUN_OVERRIDES = [*DEMO_GAE, "run.total_steps=3", "run.cpu_threads=1", "ppo.batch_size=4", "ppo.mini_batch_size=2",
                  "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=2", "generation.max_new_tokens=24",
                  "optim.scheduler=linear", "optim.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
                  "logging.progress_bar=false", "logging.sample_every=0", "evaluation.before_after=true",
@@ -356,14 +357,14 @@ def test_one_update_is_the_same_on_1x8_and_2x4(test_models, single_process_updat
 # KL as a loss, a critic warm-up that the resume crosses). Dr. GRPO (grpo without std scaling) differs from grpo only
 # in group-local maths, tested in test_ppo_math.py and test_train.py.
 COMBOS = [
-    ("gae-shared", ["critic.value_clip=relative", "reward.normalize=true", "reward.normalize_shift_mean=false"]),
+    ("gae-shared", ["critic.mode=shared", "critic.value_clip=relative", "reward.normalize=true", "reward.normalize_shift_mean=false"]),
     ("gae-detached", ["critic.mode=detached", "critic.lam=1.0", "ppo.loss_aggregation=seq_mean_token_mean"]),
     ("gae-adapter", ["critic.mode=adapter", "critic.lr=0.003", "critic.warmup_steps=1", "critic.value_clip=none"]),
     ("rloo", ["ppo.estimator=rloo", "ppo.k=2"]),
     ("grpo", ["ppo.estimator=grpo", "ppo.k=2", "ppo.kl.mode=loss", "ppo.kl.estimator=k3"]),
     ("reinforce-pp", ["ppo.estimator=reinforce_pp", "ppo.k=2", "ppo.loss_aggregation=token_sum_norm"]),
 ]
-COMBO_RUN = ["run.total_steps=2", "run.cpu_threads=1", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+COMBO_RUN = [*DEMO_GAE, "run.total_steps=2", "run.cpu_threads=1", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
              "generation.max_new_tokens=8", "optim.lr=0.003", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
              "logging.progress_bar=false", "logging.sample_every=0", "logging.tensorboard=false",
              "evaluation.before_after=false"]

@@ -406,7 +406,7 @@ def test_compare_of_the_demo_and_the_over_optimised_run_renders_in_chromium(ship
     demo, hot = doc["runs"]
     diff = doc["settings_diff"]
     assert {"optim.lr", "ppo.kl.init_coef", "ppo.kl.adaptive", "alarms.action"} <= set(diff)
-    assert diff["optim.lr"] == [1e-3, 3e-3] and "policy.model" not in diff      # only what differs
+    assert diff["optim.lr"] == [3e-4, 3e-3] and "policy.model" not in diff      # only what differs
     assert demo["alarms_first_fired"] == {} and hot["alarms_first_fired"]      # the alarm shows in the comparison
     for label in (demo["label"], hot["label"]):                               # both curves, every panel
         assert {"env/reward_mean", "judge/demo-judge/toxicity", "objective/kl", "objective/entropy",

@@ -95,7 +95,7 @@ def test_demo_runs_from_the_wheel_outside_the_checkout(installed, demo_assets, t
                            "logging.progress_bar=false"], **outside(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo assets: using cache" in proc.stderr  # the session's demo cache (DETOXRL_CACHE), not rebuilt
-    assert re.search(r"held-out toxicity \(40 prompts\): before [\d.]+ .* after [\d.]+", proc.stdout), proc.stdout
+    assert re.search(r"held-out toxicity \(40 prompts x 8 samples\): before [\d.]+ .* after [\d.]+", proc.stdout), proc.stdout
     assert f"done: 2 steps; adapter + value head in {out / 'final'}" in proc.stdout
     assert (out / "final" / "adapter_model.safetensors").is_file() and len((out / "metrics.jsonl").read_text()
                                                                            .splitlines()) == 2
