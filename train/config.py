@@ -221,6 +221,12 @@ class PPOConfig:
     """Responses per optimizer step (per process); mini-batches are drawn from the step's shuffled responses."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per mini-batch (mini_batch_size must be divisible by it)."""
+    bucket_by_length: bool = True
+    """Length buckets: each mini-batch's rows are sorted by length before they are cut into micro-batches, and every
+    micro-batch (and every chunk of the gradient-free reference and old-log-prob passes, whose rows are sorted the
+    same way) drops the padding columns none of its rows uses. The losses stay token means over the global
+    mini-batch, so only padding work changes (and float rounding). False: shuffled order, every pass padded to the
+    step's longest prompt and response."""
     ppo_epochs: int = 4
     """Passes over the step's rollouts."""
     kl: KLConfig = field(default_factory=KLConfig)
