@@ -4,6 +4,7 @@ generate), our own trainer run one prompt at a time (the seeds' loop shape) and 
     python -m benchmarks.ppo_throughput --preset NAME [--iterations N]
                                         [--baselines seeds,trl,trl011-loop,trl011-batched]
                                         [--warmup W] [--threads T] [--batch-size B] [--vocab small|real]
+                                        [--set KEY=VALUE ...]
                                         [--results benchmarks/RESULTS.md | --no-append]
 
 For every configuration of the preset it trains `W` warm-up PPO iterations and then `N` timed ones with detoxrl
@@ -621,6 +622,7 @@ def measure(b: Bench, args, log) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{b.name}-") as tmp:
         tmp = Path(tmp)
         recipe, overrides = ours_overrides(b, paths, tmp / "ours", steps, threads, cuda)
+        overrides += args.set  # e.g. generation.engine=static (ours and the batch-1 baseline)
         rec["recipe"] = str(recipe.relative_to(REPO))
         rec["overrides"] = [o for o in overrides if not o.startswith("run.output_dir=")]
         log(f"[{b.name}] detoxrl: {args.warmup} warm-up + {args.iterations} timed iterations")
@@ -681,6 +683,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    "with it); for CPU runs of GPU-sized presets")
     p.add_argument("--vocab", choices=("preset", "real", "small"), default="preset",
                    help="model vocabulary: the preset's choice, the published size, or the small trained tokenizer")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a detoxrl config override for our runs (repeatable), e.g. generation.engine=static")
     p.add_argument("--only", default=None, help="comma list of configuration names of the preset to run")
     p.add_argument("--max-load", type=float, default=None, help="before each system, wait until the 1-minute load "
                    "average is below this (shared machines); the load is recorded either way")

@@ -221,3 +221,21 @@ def test_learning_summaries_and_intervals():
     with pytest.raises(SystemExit, match="unknown configuration"):
         learning.resolve_configuration("nope", {})
     assert learning.resolve_configuration("trl011-lr1e-3", {}).lr == 1e-3
+
+
+def test_fast_paths_smoke(bench_cache):
+    """benchmarks.fast_paths on the tiny preset: both engines time the same rollout, the bucketed update computes
+    fewer padded slots than the padded one (a complete record; no timing assertion)."""
+    proc = run_harness("benchmarks.fast_paths", ["--preset", "tiny", "--batch-size", "8", "--iterations", "1",
+                                                 "--engines", "hf,static", "--max-new", "32", "--mini-batch", "8",
+                                                 "--gas", "2", "--no-append"], bench_cache)
+    (rec,) = records(proc.stdout)
+    gen, upd = rec["generate"], rec["update"]
+    assert gen["hf"]["engine"] == "hf" and gen["static"]["engine"] == "static" and gen["static"]["fallback"] is None
+    assert gen["hf"]["speedup_vs_hf"] == 1.0 and gen["static"]["seconds"] > 0
+    assert upd["bucketed"]["update_slots_per_epoch"] < upd["padded"]["update_slots_per_epoch"]
+    assert set(upd["speedup"]) == {"reference_s", "old_logprobs_s", "update_s"}
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")]).returncode == 0

@@ -44,7 +44,7 @@ def _policy(test_models, family: str, lora: bool):
 
 
 def _generate(policy, tok, engine: str, seed: int, k: int = 2):
-    gen = GenerationConfig(engine=engine, compile="off", static_pad_multiple=16, **SETTINGS)
+    gen = GenerationConfig(engine=engine, compile="never", static_pad_multiple=16, **SETTINGS)
     prompts = [tok(t)["input_ids"] for t in TEXTS]
     torch.manual_seed(seed)
     return generate_rollouts(policy, prompts, tok, gen, SETTINGS["max_new_tokens"], CPU, k=k)
@@ -73,7 +73,7 @@ def test_static_engine_logits_match_hf_at_every_step(test_models, family):
     policy, tok = _policy(test_models, family, lora=True)
     left = policy.kind == "causal"
     ids, mask = pad_prompts([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, left, CPU)
-    gen = GenerationConfig(engine="static", compile="off", static_pad_multiple=16, **SETTINGS)
+    gen = GenerationConfig(engine="static", compile="never", static_pad_multiple=16, **SETTINGS)
     outs = {}
     for engine in ("hf", "static"):
         g = GenerationConfig(**{**gen.__dict__, "engine": engine})
@@ -118,14 +118,14 @@ def test_fallbacks_name_their_reason(test_models, caplog):
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_compiled_static_engine_on_gpu(test_models, family):
     """The compiled decode step (CUDA graphs) on a GPU: every sampled response is scored by the teacher-forced
-    forward pass with the logits the sampler used, within bf16-free float32 tolerance; a second call reuses the
+    forward pass with the logits the sampler used, within float32 tolerance; a second call reuses the
     compiled step (same shapes) and gives the same responses from the same seed."""
     policy, tok = _policy(test_models, family, lora=True)
     cuda = torch.device("cuda")
     policy.lm.to(cuda)
     left = policy.kind == "causal"
     ids, mask = pad_prompts([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, left, cuda)
-    gen = GenerationConfig(engine="static", compile="on", static_pad_multiple=16, **SETTINGS)
+    gen = GenerationConfig(engine="static", compile="always", static_pad_multiple=16, **SETTINGS)
     plan = plan_engine(policy.lm, gen, cuda, False)
     assert plan.compile and plan.compile_mode == "reduce-overhead"
     hf_gen = hf_generation_config(policy.lm, tok, gen, 10, 1, plan, left, 16)

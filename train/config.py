@@ -191,9 +191,10 @@ class GenerationConfig:
     `hf` the dynamic KV cache, eager; `static` a preallocated StaticCache (seq2seq: EncoderDecoderCache) whose fixed
     shapes let the decode step be compiled (`compile`). Falls back to `hf`, with one logged reason, for models
     without static-cache support and for ZeRO-3 sharded generation (`zero3_gather_weights: false`)."""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """With `engine: static`: torch.compile the decode step (CUDA graphs on GPUs). `auto`: on CUDA devices only (on
-    CPUs a compile costs tens of seconds per shape, more than short runs win)."""
+    compile: Literal["auto", "always", "never"] = "auto"
+    """With `engine: static`: torch.compile the decode step (CUDA graphs on GPUs). `auto` compiles on CUDA devices
+    only: on CPUs a compile costs tens of seconds per shape, more than short runs win; `always` compiles on CPUs
+    too; `never` runs the static cache eager."""
     static_pad_multiple: int = 64
     """With `engine: static`: generate() sees prompts padded (masked) to a multiple of this many tokens and a cache
     sized to a multiple of it, so few shapes reach the compiled step (each new shape compiles once)."""

@@ -165,12 +165,12 @@ def plan_engine(lm: nn.Module, gen: GenerationConfig, device: torch.device, sync
     if reason:
         _warn_once(f"engine-{reason}", f"generation.engine=static: falling back to hf: {reason}")
         return EnginePlan("hf", fallback=reason)
-    want = gen.compile if gen.compile != "auto" else ("on" if device.type == "cuda" else "off")
-    if want == "on" and getattr(base, "hf_quantizer", None) is not None and not base.hf_quantizer.is_compileable:
+    want = gen.compile if gen.compile != "auto" else ("always" if device.type == "cuda" else "never")
+    if want == "always" and getattr(base, "hf_quantizer", None) is not None and not base.hf_quantizer.is_compileable:
         why = "the quantized base weights (policy.quantization) cannot be compiled; the static cache runs eager"
         _warn_once(f"compile-{why}", f"generation.compile: {why}")
         return EnginePlan("static", False, why)
-    return EnginePlan("static", want == "on", compile_mode="reduce-overhead" if device.type == "cuda" else "default")
+    return EnginePlan("static", want == "always", compile_mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -199,7 +199,7 @@ def hf_generation_config(lm: nn.Module, tokenizer: PreTrainedTokenizerBase, gen:
         fields.update(cache_implementation="static", max_cache_len=_round_up(need, gen.static_pad_multiple))
         if plan.compile:
             cfg = CompileConfig(fullgraph=False, dynamic=False, mode=plan.compile_mode)
-            cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told (the CPU: compile=on)
+            cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told (the CPU: compile=always)
             fields["compile_config"] = cfg
         else:
             fields["disable_compile"] = True
