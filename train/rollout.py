@@ -201,10 +201,7 @@ def hf_generation_config(lm: nn.Module, tokenizer: PreTrainedTokenizerBase, gen:
             cfg = CompileConfig(fullgraph=False, dynamic=False, mode=plan.compile_mode)
             cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told (the CPU: compile=always)
             fields["compile_config"] = cfg
-        else:
-            fields["disable_compile"] = True
-    else:
-        fields["disable_compile"] = True
+    fields["disable_compile"] = not plan.compile
     return HFGenerationConfig(**fields)
 
 
