@@ -4,7 +4,7 @@
 # runs out of time is recorded in summary.txt and the next one runs).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check-<UTC time>
-#   DRY=1 bash benchmarks/gpu_check.sh /tmp/dry     # CPU dry run: the same steps on the tiny presets (~3-5 min)
+#   DRY=1 bash benchmarks/gpu_check.sh /tmp/dry     # CPU dry run: the same steps on the tiny presets (~1.5 min)
 #   FULL=1 bash benchmarks/gpu_check.sh             # also the seeds' batch-1 loop at batch 64 and flan-t5-xl/xxl
 #
 # Environment: PYTHON (default .venv/bin/python, else python3) must import detoxrl, torch with CUDA, transformers,
@@ -13,10 +13,10 @@
 # $DETOXRL_CACHE (default: OUT_DIR/cache); nothing is downloaded. The TRL baselines need their own virtualenvs
 # (network): they are not part of this check.
 #
-# Steps (time limit): env (20 s), gpu tests (80 s), fast paths on flan-t5-base at batch 64 / 256-token prompts /
-# 64 new tokens: hf vs static vs compiled generation, update with and without length buckets (100 s), the
-# flan-t5-base detox preset with the static compiled engine (110 s), gpt2 (50 s), batch 16/64/256 scaling (70 s),
-# memory study (50 s). Sum: 480 s.
+# Steps (time limit): env (15 s), the rollout engines' gpu tests (40 s), the other gpu tests (70 s), fast paths on
+# flan-t5-base at batch 64 / 256-token prompts / 64 new tokens: hf vs static vs compiled generation, update with
+# and without length buckets (90 s), the flan-t5-base detox preset with the static compiled engine (100 s), gpt2
+# (45 s), batch 16/64/256 scaling (70 s), memory study (50 s). Sum: 480 s.
 set -uo pipefail
 
 OUT=${1:-gpu_check-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -59,7 +59,7 @@ fi
 SEEDS=$([ "${FULL:-0}" = 1 ] && echo seeds || echo "")
 
 # 1. environment
-step env 20 "$PY" -c "
+step env 15 "$PY" -c "
 import json, torch, transformers, peft, accelerate
 d = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__,
      'peft': peft.__version__, 'accelerate': accelerate.__version__, 'gpu': torch.cuda.is_available() and
@@ -69,18 +69,20 @@ print(json.dumps(d))
 if $DEVICE_CHECK and not torch.cuda.is_available(): raise SystemExit('no CUDA device visible (DRY=1 for a CPU dry run)')"
 command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-# 2. the gpu-marked tests (skipped, and counted as such, without a GPU)
-step pytest_gpu 80 "$PY" -m pytest -m gpu -q -rs tests/
+# 2. the gpu-marked tests (skipped, and counted as such, without a GPU): the rollout engines' first (tiny models,
+#    seconds), then the rest (they build the demo assets first)
+step pytest_gpu_engines 40 "$PY" -m pytest -m gpu -q -rs tests/test_rollout_engines.py
+step pytest_gpu 70 "$PY" -m pytest -m gpu -q -rs tests/ --deselect tests/test_rollout_engines.py
 
 # 3. fast paths: generation engines, length buckets (responses of 16-128 tokens; mini-batch 16 in 4 micro-batches)
-step fast_paths_flan 100 "$PY" -m benchmarks.fast_paths "${FP_FLAN[@]}" --results "$RESULTS" --mini-batch 16 --gas 4
+step fast_paths_flan 90 "$PY" -m benchmarks.fast_paths "${FP_FLAN[@]}" --results "$RESULTS" --mini-batch 16 --gas 4
 
 # 4. the detox preset (batch 64, 256-token prompts, 64 new tokens) with the static compiled engine
-step flan_t5_base 110 "$PY" -m benchmarks.ppo_throughput "${FLAN[@]}" "${ITER[@]}" --baselines "$SEEDS" \
+step flan_t5_base 100 "$PY" -m benchmarks.ppo_throughput "${FLAN[@]}" "${ITER[@]}" --baselines "$SEEDS" \
   --set generation.engine=static --set generation.compile=always --results "$RESULTS"
 
 # 5. gpt2-sized causal
-step gpt2 50 "$PY" -m benchmarks.ppo_throughput "${GPT2[@]}" "${ITER[@]}" --baselines "$SEEDS" \
+step gpt2 45 "$PY" -m benchmarks.ppo_throughput "${GPT2[@]}" "${ITER[@]}" --baselines "$SEEDS" \
   --set generation.engine=static --set generation.compile=always --results "$RESULTS"
 
 # 6. batch 16 / 64 / 256 scaling
