@@ -1,7 +1,10 @@
-"""PPO throughput and memory: detoxrl against the seeds' loop (baseline A) and TRL 1.12's PPO (baseline B).
+"""PPO throughput and memory: detoxrl against TRL 0.11.4 (the seeds' library, its notebook loop and its batched
+generate), our own trainer run one prompt at a time (the seeds' loop shape) and TRL 1.12's PPO (causal).
 
-    python -m benchmarks.ppo_throughput --preset NAME [--iterations N] [--baselines seeds,trl]
+    python -m benchmarks.ppo_throughput --preset NAME [--iterations N]
+                                        [--baselines seeds,trl,trl011-loop,trl011-batched]
                                         [--warmup W] [--threads T] [--batch-size B] [--vocab small|real]
+                                        [--set KEY=VALUE ...]
                                         [--results benchmarks/RESULTS.md | --no-append]
 
 For every configuration of the preset it trains `W` warm-up PPO iterations and then `N` timed ones with detoxrl
@@ -20,6 +23,12 @@ Baselines
 - trl: `trl.experimental.ppo.PPOTrainer` (trl 1.12), causal configurations only (it is decoder-only), in its own
   virtualenv (benchmarks/trl_env.py), on the same model folders and the same prompt token ids
   (benchmarks/trl_baseline.py documents the settings mapping).
+- trl011-loop / trl011-batched: TRL 0.11.4's `PPOTrainer.step()` with `AutoModelForSeq2SeqLMWithValueHead` (the
+  seeds' own library), seq2seq configurations, in its own virtualenv (trl 0.11.4, transformers 4.46.3; the T5
+  folder converted by `benchmarks.assets.transformers4_copy`), same prompt token ids, same lengths (min = max new
+  tokens), the recipe's PPO settings (lr 1.41e-5, adaptive KL 0.2 -> 6, LoRA as `peft_config`).
+  `loop`: the notebook's generation, one `generate` per prompt with its LengthSampler; `batched`: the whole batch
+  in one `generate(queries, batch_size=B)` (benchmarks/trl011_baseline.py).
 
 Presets (`--list` prints them): tiny (CPU/CI smoke), tiny-procs (CPU, 1 vs 2 processes), flan-t5-base (the detox
 target: batch 64, 256-token prompts, 64 new tokens), gpt2 (gpt2-sized causal vs TRL), scaling (flan-t5-base at
@@ -74,17 +83,24 @@ class Bench:
     gpu_only: bool = False
     memory_study: bool = False      # report status ok/oom + peak memory; run in a child process
     threads: Optional[int] = None   # CPU threads in all (split over processes); None: --threads
-    baselines: tuple = ("seeds",)   # which baselines apply (trl: causal only)
+    baselines: tuple = ("seeds",)   # which baselines apply (trl: causal only; trl011-*: seq2seq)
+
+
+T5_BASELINES = ("seeds", "trl011-loop", "trl011-batched")
+BASELINES = ("seeds", "trl", "trl011-loop", "trl011-batched")
+TRL011_SEEDS_KL = {"init_coef": 0.2, "adaptive": True, "target": 6.0, "horizon": 10000}  # the seeds' PPOConfig
 
 
 def _detox(name: str, size: str = "base", batch: int = 64, **kw) -> Bench:
+    kw.setdefault("baselines", T5_BASELINES)
     return Bench(name, "seq2seq", size, "base" if size != "tiny" else "tiny", batch, max(1, batch // 4), 1, 256, 64,
                  **kw)
 
 
 PRESETS: dict[str, list[Bench]] = {
     "tiny": [
-        Bench("tiny-t5-detox", "seq2seq", "tiny", "tiny", 16, 4, 1, 64, 16, (8, 8, ("q", "v")), real_vocab=False),
+        Bench("tiny-t5-detox", "seq2seq", "tiny", "tiny", 16, 4, 1, 64, 16, (8, 8, ("q", "v")), real_vocab=False,
+              baselines=T5_BASELINES),
         Bench("tiny-gpt2-causal", "causal", "tiny", "tiny", 16, 4, 4, 8, 16, (16, 32, ("c_attn",)),
               real_vocab=False, baselines=("seeds", "trl")),
     ],
@@ -398,6 +414,55 @@ def run_trl(b: Bench, paths: dict[str, Path], prompts: list[list[int]], steps: i
             "versions": res["versions"], "timed_steps": len(timed)}
 
 
+def run_trl011(b: Bench, paths: dict[str, Path], prompts: list[list[int]], steps: int, warmup: int,
+               threads: Optional[int], workdir: Path, timeout: int, mode: str, seed: int = 0, lr: float = 1.41e-5,
+               log=print) -> dict[str, Any]:
+    """TRL 0.11.4 (`mode`: the notebook's one-prompt loop, or batched generate) in its own virtualenv; samples/s over
+    the post-warm-up steps, its generate phase, peak memory."""
+    import torch
+
+    from benchmarks.assets import transformers4_copy
+    from benchmarks.trl_env import TRL_0_11, TRLUnavailable, ensure_trl_venv
+
+    try:
+        python = ensure_trl_venv(log=log, peer=TRL_0_11)
+    except TRLUnavailable as err:
+        return {"status": "unavailable", "reason": str(err)}
+    r, alpha, targets = b.lora
+    out_path = workdir / f"trl011-{mode}-result.json"
+    spec = {"kind": b.kind, "policy": str(transformers4_copy(paths["policy"])), "reward": str(paths["reward"]),
+            "reward_label": "nothate", "prompts": prompts, "steps": steps, "seed": seed, "lr": lr,
+            "batch_size": b.batch, "mini_batch_size": b.mini_batch, "ppo_epochs": b.ppo_epochs, "kl": TRL011_SEEDS_KL,
+            "lora": {"r": r, "alpha": alpha, "dropout": 0.05, "target_modules": list(targets)},
+            "generation": {"min_new_tokens": b.new_tokens, "max_new_tokens": b.new_tokens, "top_k": 0, "top_p": 1.0,
+                           "temperature": 1.0, "mode": mode},
+            "threads": threads or torch.get_num_threads(), "out": str(out_path)}
+    spec_path = workdir / f"trl011-{mode}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update({"TOKENIZERS_PARALLELISM": "false", "PYTHONNOUSERSITE": "1"})
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    script = Path(__file__).resolve().parent / "trl011_baseline.py"
+    try:
+        proc = subprocess.run([str(python), str(script), str(spec_path)], cwd=workdir, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not out_path.is_file():
+        return {"status": "error", "reason": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"}
+    res = json.loads(out_path.read_text())
+    timed = res["steps"][warmup:] or res["steps"][-1:]
+    step_s = sum(x["seconds"] for x in timed) / len(timed)
+    gen_s = sum(x["generate_seconds"] for x in timed) / len(timed)
+    return {"status": "ok", "mode": mode, "samples_per_s": b.batch / step_s,
+            "tokens_per_s": b.batch * b.new_tokens / step_s, "step_seconds": step_s,
+            "phase_seconds": {"generate": gen_s, "rest": step_s - gen_s},
+            "peak_memory": {"cpu_rss_mb": round(res["peak_rss_mb"], 1), "cpu_rss_scope": "TRL 0.11.4 child process"},
+            "trainable_parameters": res["trainable_parameters"], "versions": res["versions"],
+            "timed_steps": len(timed)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Machine description and results
 # --------------------------------------------------------------------------------------------------------------
@@ -445,6 +510,8 @@ def markdown_section(records: list[dict], header: dict[str, Any]) -> str:
     v = header["versions"]
     trl_v = next((r["baselines"]["trl"].get("versions") for r in records
                   if r.get("baselines", {}).get("trl", {}).get("status") == "ok"), None)
+    trl011_v = next((r["baselines"][n].get("versions") for r in records for n in ("trl011-loop", "trl011-batched")
+                     if r.get("baselines", {}).get(n, {}).get("status") == "ok"), None)
     lines = [f"### {header['date']} — preset `{header['preset']}`", "",
              f"- command: `{header['command']}`",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}; "
@@ -452,13 +519,15 @@ def markdown_section(records: list[dict], header: dict[str, Any]) -> str:
              f"- threads: {header['threads']} (torch.set_num_threads / OMP_NUM_THREADS, same for every system); "
              f"load average (1/5/15 min) at start {header['load_start']}, at end {header['load_end']}",
              f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) +
-             (f"; TRL venv: " + ", ".join(f"{k} {val}" for k, val in trl_v.items()) if trl_v else ""),
+             (f"; TRL venv: " + ", ".join(f"{k} {val}" for k, val in trl_v.items()) if trl_v else "") +
+             (f"; TRL 0.11.4 venv: " + ", ".join(f"{k} {val}" for k, val in trl011_v.items()) if trl011_v else ""),
              f"- {header['warmup']} warm-up + {header['iterations']} timed PPO iterations per system; fixed lengths "
              f"(every prompt exactly its token count, min_new_tokens = max_new_tokens)", ""]
     lines += ["| config | device | batch | prompt+new tokens | samples/s | tokens/s | generate s | reward s | "
               "reference s | old logp s | update s | largest phase (share) | peak RSS MB | GPU peak MB | "
-              "seeds' loop samples/s | ours/seeds | TRL samples/s | ours/TRL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "seeds' loop samples/s | ours/seeds | TRL samples/s | ours/TRL | TRL 0.11.4 loop samples/s | "
+              "ours/loop | TRL 0.11.4 batched samples/s | ours/batched |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         procs = f" x{r['processes']} proc" if r.get("processes", 1) > 1 else ""
         procs += f", {r['threads']} thr" if r["device"] == "cpu" else ""
@@ -467,7 +536,7 @@ def markdown_section(records: list[dict], header: dict[str, Any]) -> str:
             why = (r.get("reason") or r.get("error") or "").splitlines()
             gpu = (r.get("peak_memory") or {}).get("gpu_max_allocated_mb")
             lines.append(f"{lead} {r['status']}{': ' + why[0][:120] if why else ''} |" + " - |" * 8
-                         + f" {_fmt(gpu, 0)} |" + " - |" * 4)
+                         + f" {_fmt(gpu, 0)} |" + " - |" * 8)
             continue
         ph = r["phase_seconds"]
         share = r["phase_share"].get(r["largest_phase"], 0.0) if r.get("largest_phase") else 0.0
@@ -483,12 +552,15 @@ def markdown_section(records: list[dict], header: dict[str, Any]) -> str:
 
         s_sps, s_ratio = base("seeds")
         t_sps, t_ratio = base("trl")
+        loop_sps, loop_ratio = base("trl011-loop")
+        batched_sps, batched_ratio = base("trl011-batched")
         lines.append(
             f"{lead} {_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(ph['generate'], 3)} | "
             f"{_fmt(ph['reward'], 3)} | {_fmt(ph['reference'], 3)} | {_fmt(ph['old_logprobs'], 3)} | "
             f"{_fmt(ph['ppo_update'], 3)} | {r['largest_phase']} ({share:.0%}) | "
             f"{_fmt(r['peak_memory']['cpu_rss_mb'], 0)} | {_fmt(r['peak_memory']['gpu_max_allocated_mb'], 0)} | "
-            f"{s_sps} | {s_ratio} | {t_sps} | {t_ratio} |")
+            f"{s_sps} | {s_ratio} | {t_sps} | {t_ratio} | {loop_sps} | {loop_ratio} | {batched_sps} | "
+            f"{batched_ratio} |")
     loads = []
     for r in records:
         parts = [f"ours {r['load_before'][0]}"] if r.get("load_before") else []
@@ -537,7 +609,7 @@ def measure(b: Bench, args, log) -> dict[str, Any]:
         "lora": {"r": b.lora[0], "alpha": b.lora[1], "target_modules": list(b.lora[2])},
         "warmup": args.warmup, "iterations": args.iterations}
     wanted = [x for x in args.baselines if x in b.baselines]
-    skipped = {x: {"status": "skipped", "reason": "TRL's PPO is decoder-only (it crashes on T5)" if x == "trl"
+    skipped = {x: {"status": "skipped", "reason": "TRL 1.12's PPO is decoder-only (it crashes on T5)" if x == "trl"
                    else "not part of this configuration"} for x in args.baselines if x not in b.baselines}
     if b.gpu_only and not cuda:
         rec.update(status="skipped", reason="needs a CUDA GPU (none visible): GPU figures pending",
@@ -550,6 +622,7 @@ def measure(b: Bench, args, log) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{b.name}-") as tmp:
         tmp = Path(tmp)
         recipe, overrides = ours_overrides(b, paths, tmp / "ours", steps, threads, cuda)
+        overrides += args.set  # e.g. generation.engine=static (ours and the batch-1 baseline)
         rec["recipe"] = str(recipe.relative_to(REPO))
         rec["overrides"] = [o for o in overrides if not o.startswith("run.output_dir=")]
         log(f"[{b.name}] detoxrl: {args.warmup} warm-up + {args.iterations} timed iterations")
@@ -580,6 +653,17 @@ def measure(b: Bench, args, log) -> dict[str, Any]:
                 trl["ratio"] = rec["samples_per_s"] / trl["samples_per_s"]
                 trl.pop("reward_mean", None)
             baselines["trl"] = {**trl, "load_before": load}
+        for mode in ("loop", "batched"):
+            name = f"trl011-{mode}"
+            if rec["status"] != "ok" or name not in wanted:
+                continue
+            log(f"[{b.name}] TRL 0.11.4 PPOTrainer, {mode} generation (separate virtualenv)")
+            load = wait_for_quiet(args.max_load, args.max_wait, log)
+            x = run_trl011(b, paths, prompt_ids(recipe, overrides), steps, args.warmup, threads, tmp, args.timeout,
+                           mode, log=log)
+            if x.get("status") == "ok":
+                x["ratio"] = rec["samples_per_s"] / x["samples_per_s"]
+            baselines[name] = {**x, "load_before": load}
         rec["baselines"] = baselines
     return rec
 
@@ -591,13 +675,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="which configurations to measure")
     p.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per system (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up iterations per system (default 1)")
-    p.add_argument("--baselines", default="seeds,trl", help="comma list of seeds,trl ('' for none; default both)")
+    p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {','.join(BASELINES)} ('' for "
+                   "none; default all; each runs only where the configuration lists it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system (default: torch's "
                    "default); also OMP_NUM_THREADS of child processes")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch (mini-batch scales "
                    "with it); for CPU runs of GPU-sized presets")
     p.add_argument("--vocab", choices=("preset", "real", "small"), default="preset",
                    help="model vocabulary: the preset's choice, the published size, or the small trained tokenizer")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a detoxrl config override for our runs (repeatable), e.g. generation.engine=static")
     p.add_argument("--only", default=None, help="comma list of configuration names of the preset to run")
     p.add_argument("--max-load", type=float, default=None, help="before each system, wait until the 1-minute load "
                    "average is below this (shared machines); the load is recorded either way")
@@ -611,9 +698,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if not args.list and not args.worker and not args.preset:
         p.error("--preset is required")
     args.baselines = [x for x in args.baselines.split(",") if x]
-    unknown = set(args.baselines) - {"seeds", "trl"}
+    unknown = set(args.baselines) - set(BASELINES)
     if unknown:
-        p.error(f"unknown baseline(s) {sorted(unknown)}; choose from seeds, trl")
+        p.error(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
     return args

@@ -1,13 +1,19 @@
 """Peer: TRL 0.11.4's PPO (the seeds' own library), run the way the seeds ran it, on a learning-benchmark toy.
 
 Runs INSIDE its own virtualenv (benchmarks/trl_env.py `TRL_0_11`); imports nothing from this repository and reads
-one JSON spec written by benchmarks/learning.py:
+one JSON spec written by benchmarks/learning.py or benchmarks/ppo_throughput.py:
 
     <trl011-venv>/bin/python benchmarks/trl011_baseline.py SPEC.json
 
 spec keys: kind (seq2seq|causal), policy, reward (model folders), reward_label, prompts (token-id lists), steps,
 seed, lr, batch_size, mini_batch_size, ppo_epochs, kl {init_coef, adaptive, target, horizon}, lora {r, alpha,
-dropout, target_modules}, generation {min_new_tokens, max_new_tokens, top_k, top_p, temperature}, threads, out.
+dropout, target_modules}, generation {min_new_tokens, max_new_tokens, top_k, top_p, temperature, mode}, threads,
+out.
+
+generation.mode: `batched` (default: the whole batch in one `trainer.generate(queries, batch_size=B)` call, TRL's
+batched generate) or `loop`: the notebook's own loop, one `generate` per prompt with `max_new_tokens` drawn from
+TRL's `LengthSampler(min_new_tokens, max_new_tokens + 1)` for each prompt (the notebook:
+`summary = ppo_trainer.generate(prompt_tensor, **generation_kwargs); summary.squeeze()[-max_new_tokens:]`).
 
 The seeds' loop (their notebook): `AutoModelForSeq2SeqLMWithValueHead` (a value head on the policy's own decoder
 states), a LoRA policy, `PPOConfig(learning_rate, ppo_epochs, mini_batch_size, batch_size)` with TRL's adaptive KL
@@ -16,8 +22,9 @@ states), a LoRA policy, `PPOConfig(learning_rate, ppo_epochs, mini_batch_size, b
 `ppo_trainer.step(queries, responses, scores)`. Here the LoRA is given as `peft_config` (TRL's own path: the
 reference is the policy with the adapter disabled, i.e. the start) and the batch is generated in one call.
 
-Writes {"steps": [{"responses", "kl", "kl_coef", "logged_reward", "seconds"}], "versions"} to spec["out"]; `kl`
-is TRL's `objective/kl` (sum over response tokens of log pi - log pi_ref, mean over the batch).
+Writes {"steps": [{"responses", "kl", "kl_coef", "logged_reward", "seconds", "generate_seconds"}], "versions",
+"peak_rss_mb", "trainable_parameters"} to spec["out"]; `kl` is TRL's `objective/kl` (sum over response tokens of
+log pi - log pi_ref, mean over the batch).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ def run(spec: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer,
                      set_seed)
+    from trl.core import LengthSampler
 
     seed, seq2seq = int(spec["seed"]), spec["kind"] == "seq2seq"
     set_seed(seed)
@@ -73,7 +81,12 @@ def run(spec: dict) -> dict:
                   "temperature": float(gen["temperature"]), "min_new_tokens": int(gen["min_new_tokens"]),
                   "max_new_tokens": int(gen["max_new_tokens"]), "pad_token_id": tok.pad_token_id,
                   "eos_token_id": tok.eos_token_id}
-    prompts = [torch.tensor(p, dtype=torch.long) for p in spec["prompts"]]
+    mode = gen.get("mode", "batched")
+    if mode not in ("batched", "loop"):
+        raise SystemExit(f"generation.mode must be batched or loop, not {mode!r}")
+    length_sampler = LengthSampler(int(gen["min_new_tokens"]), int(gen["max_new_tokens"]) + 1)
+    device = trainer.accelerator.device
+    prompts = [torch.tensor(p, dtype=torch.long, device=device) for p in spec["prompts"]]
     order: list[int] = []
     rng = random.Random(seed)
     steps = []
@@ -85,17 +98,29 @@ def run(spec: dict) -> dict:
             order += perm
         idx, order = order[:B], order[B:]
         queries = [prompts[i] for i in idx]
-        responses = trainer.generate(queries, return_prompt=False, batch_size=B, **gen_kwargs)
+        if mode == "batched":
+            responses = trainer.generate(queries, return_prompt=False, batch_size=B, **gen_kwargs)
+        else:  # the notebook's loop: one prompt per generate call, its own max_new_tokens each
+            responses = []
+            for q in queries:
+                n = length_sampler()
+                out = trainer.generate(q, **{**gen_kwargs, "max_new_tokens": n})
+                responses.append(out.squeeze()[-n:])  # the notebook's cut, for both kinds
+        generate_s = time.perf_counter() - t0
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         scores = score(texts)
         stats = trainer.step(queries, responses, scores)
         steps.append({"responses": texts, "kl": float(stats["objective/kl"]),
                       "kl_coef": float(stats["objective/kl_coef"]),
-                      "logged_reward": float(torch.stack(scores).mean()), "seconds": time.perf_counter() - t0})
+                      "logged_reward": float(torch.stack(scores).mean()), "seconds": time.perf_counter() - t0,
+                      "generate_seconds": generate_s})
     import accelerate
+    import resource
 
     versions = {m.__name__: m.__version__ for m in (trl, transformers, torch, peft, accelerate)}
-    return {"steps": steps, "versions": versions}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"steps": steps, "versions": versions, "trainable_parameters": trainable,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,8 @@ from detoxrl.train.config import load_config  # noqa: E402
 _CACHE = os.environ.get("DETOXRL_CACHE")
 TRL_VENV = Path(os.environ.get("DETOXRL_TRL_VENV") or (
     Path(_CACHE).expanduser() if _CACHE else Path.home() / ".cache" / "detoxrl") / "trl-venv")
+TRL011_VENV = Path(os.environ.get("DETOXRL_TRL011_VENV") or (
+    Path(_CACHE).expanduser() if _CACHE else Path.home() / ".cache" / "detoxrl") / "trl011-venv")
 
 RECORD_KEYS = {"config", "preset", "device", "threads", "batch_size", "prompt_tokens", "new_tokens", "samples_per_s",
                "tokens_per_s", "step_seconds", "phase_seconds", "phase_share", "largest_phase", "peak_memory",
@@ -38,7 +40,8 @@ def bench_cache(tmp_path_factory) -> Path:
 
 def run_harness(module: str, args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update({"DETOXRL_CACHE": str(cache), "DETOXRL_TRL_VENV": str(TRL_VENV), "OMP_NUM_THREADS": "1",
+    env.update({"DETOXRL_CACHE": str(cache), "DETOXRL_TRL_VENV": str(TRL_VENV),
+                "DETOXRL_TRL011_VENV": str(TRL011_VENV), "OMP_NUM_THREADS": "1",
                 "TOKENIZERS_PARALLELISM": "false"})
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -100,6 +103,29 @@ def test_trl_baseline_and_reward_curves(bench_cache, tmp_path):
     curves = json.loads(proc.stdout)
     assert len(curves["ours"]["0"]) == 3 and len(curves["trl"]["0"]) == 3
     assert "reward curves" in results.read_text()
+
+
+@pytest.mark.slow
+def test_trl011_baselines_both_ways(bench_cache, tmp_path):
+    """TRL 0.11.4 (the seeds' library) on the tiny T5 preset, the notebook's one-prompt loop and batched generate.
+    Reuses a TRL 0.11.4 virtualenv built earlier (benchmarks.learning or the harness build it once); CI does not
+    build a third virtualenv, so without one this skips."""
+    if not (TRL011_VENV / ".detoxrl-ready.json").is_file():
+        pytest.skip(f"no TRL 0.11.4 virtualenv at {TRL011_VENV} (built on first use by python -m benchmarks."
+                    "ppo_throughput --preset tiny; not built inside the tests)")
+    results = tmp_path / "RESULTS.md"
+    proc = run_harness("benchmarks.ppo_throughput", ["--preset", "tiny", "--only", "tiny-t5-detox", "--iterations",
+                                                     "1", "--baselines", "trl011-loop,trl011-batched", "--threads",
+                                                     "1", "--results", str(results)], bench_cache)
+    (rec,) = records(proc.stdout)
+    for mode in ("loop", "batched"):
+        x = rec["baselines"][f"trl011-{mode}"]
+        assert x["status"] == "ok", x
+        assert x["mode"] == mode and x["versions"]["trl"] == "0.11.4" and x["timed_steps"] == 1
+        assert 0 < x["phase_seconds"]["generate"] < x["step_seconds"]
+        assert x["ratio"] == pytest.approx(rec["samples_per_s"] / x["samples_per_s"])
+    table = results.read_text()
+    assert "TRL 0.11.4 venv: trl 0.11.4" in table and "ours/batched" in table
 
 
 def test_gpu_configurations_are_recorded_as_pending_without_a_gpu(bench_cache):
@@ -195,3 +221,21 @@ def test_learning_summaries_and_intervals():
     with pytest.raises(SystemExit, match="unknown configuration"):
         learning.resolve_configuration("nope", {})
     assert learning.resolve_configuration("trl011-lr1e-3", {}).lr == 1e-3
+
+
+def test_fast_paths_smoke(bench_cache):
+    """benchmarks.fast_paths on the tiny preset: both engines time the same rollout, the bucketed update computes
+    fewer padded slots than the padded one (a complete record; no timing assertion)."""
+    proc = run_harness("benchmarks.fast_paths", ["--preset", "tiny", "--batch-size", "8", "--iterations", "1",
+                                                 "--engines", "hf,static", "--max-new", "32", "--mini-batch", "8",
+                                                 "--gas", "2", "--no-append"], bench_cache)
+    (rec,) = records(proc.stdout)
+    gen, upd = rec["generate"], rec["update"]
+    assert gen["hf"]["engine"] == "hf" and gen["static"]["engine"] == "static" and gen["static"]["fallback"] is None
+    assert gen["hf"]["speedup_vs_hf"] == 1.0 and gen["static"]["seconds"] > 0
+    assert upd["bucketed"]["update_slots_per_epoch"] < upd["padded"]["update_slots_per_epoch"]
+    assert set(upd["speedup"]) == {"reference_s", "old_logprobs_s", "update_s"}
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")]).returncode == 0

@@ -186,6 +186,18 @@ class GenerationConfig:
     rollout_batch_size: int = 64
     """Prompts per `generate()` call (chunks the step's batch to bound memory); each prompt yields `ppo.k` responses,
     and the gradient-free forward passes take the same chunks."""
+    engine: Literal["hf", "static"] = "hf"
+    """Rollout sampler (train/rollout.py; both are transformers' generate() with the same sampling semantics):
+    `hf` the dynamic KV cache, eager; `static` a preallocated StaticCache (seq2seq: EncoderDecoderCache) whose fixed
+    shapes let the decode step be compiled (`compile`). Falls back to `hf`, with one logged reason, for models
+    without static-cache support and for ZeRO-3 sharded generation (`zero3_gather_weights: false`)."""
+    compile: Literal["auto", "always", "never"] = "auto"
+    """With `engine: static`: torch.compile the decode step (CUDA graphs on GPUs). `auto` compiles on CUDA devices
+    only: on CPUs a compile costs tens of seconds per shape, more than short runs win; `always` compiles on CPUs
+    too; `never` runs the static cache eager."""
+    static_pad_multiple: int = 64
+    """With `engine: static`: generate() sees prompts padded (masked) to a multiple of this many tokens and a cache
+    sized to a multiple of it, so few shapes reach the compiled step (each new shape compiles once)."""
     zero3_gather_weights: bool = True
     """Under DeepSpeed ZeRO-3: gather the full policy on every rank once per rollout (fast; the whole model must fit
     on one GPU for the duration). False: generate on the sharded model with `synced_gpus` (parameters fetched layer
@@ -222,6 +234,12 @@ class PPOConfig:
     """Responses per optimizer step (per process); mini-batches are drawn from the step's shuffled responses."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per mini-batch (mini_batch_size must be divisible by it)."""
+    bucket_by_length: bool = True
+    """Length buckets: each mini-batch's rows are sorted by length before they are cut into micro-batches, and every
+    micro-batch (and every chunk of the gradient-free reference and old-log-prob passes, whose rows are sorted the
+    same way) drops the padding columns none of its rows uses. The losses stay token means over the global
+    mini-batch, so only padding work changes (and float rounding). False: shuffled order, every pass padded to the
+    step's longest prompt and response."""
     ppo_epochs: int = 2
     """Passes over the step's rollouts (2 with `optim.lr` 3e-4 met the learning benchmark's KL budget; the seeds' 4
     at that lr moves further from the reference per step)."""
@@ -565,6 +583,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.policy.lora.dropout < 1.0, "policy.lora.dropout", "must be in [0, 1)")
     _check(len(cfg.policy.lora.target_modules) > 0, "policy.lora.target_modules", "must name at least one module")
     _check(p.batch_size >= 1, "ppo.batch_size", "must be >= 1")
+    _check(cfg.generation.static_pad_multiple >= 1, "generation.static_pad_multiple", "must be >= 1")
     _check(p.mini_batch_size >= 1, "ppo.mini_batch_size", "must be >= 1")
     _check(p.mini_batch_size <= p.batch_size, "ppo.mini_batch_size",
            f"({p.mini_batch_size}) cannot be larger than ppo.batch_size ({p.batch_size})")

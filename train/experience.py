@@ -5,7 +5,9 @@
     score_responses    the reward (RewardModel.score: the weighted sum, non-finite scores refused), optionally the
                        toxicity of the response alone and each judge's P(toxic)
     shaped_scores      the training score: missing-EOS penalty, running normalisation, clip
+    in_chunks          a gradient-free pass in chunks (length-sorted, unused padding cut, with ppo.bucket_by_length)
     forward_in_chunks  old log-probs and values of the sampled responses under the policy
+    reference_in_chunks  the frozen reference's log-probs of them
     advantages_and_returns  per-token rewards (-beta*KL + score), then GAE or a critic-free estimator
 
 `Experience` is what the PPO update (train/update.py) reads, as it is, plus what the step's bookkeeping reads.
@@ -14,13 +16,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from detoxrl.train.advantages import critic_free_advantages, decoupled_gae
+from detoxrl.train.buckets import sorted_chunks, used_columns
 from detoxrl.train.config import Config, GenerationConfig
+from detoxrl.train.models import reference_logprobs
 from detoxrl.train.rollout import Rollout, generate_rollouts
 from detoxrl.train.ppo_math import (RunningMoments, logprobs_from_logits, masked_whiten, normalize_and_clip,
                                     per_token_rewards)
@@ -118,19 +122,52 @@ def shaped_scores(cfg: Config, raw_scores: torch.Tensor, ended: torch.Tensor, mo
     return normalize_and_clip(scores, moments, cfg.reward.clip, cfg.reward.normalize_shift_mean).to(device)
 
 
+def in_chunks(fn: Callable[..., tuple[torch.Tensor, ...]], rollout: Rollout, chunk: int, group: int = 1,
+              bucket: bool = False) -> list[torch.Tensor]:
+    """`fn(prompt_ids, prompt_mask, response_ids)` -> (rows, T') tensors, run on chunks of `chunk` rows (a
+    multiple of `group`) and reassembled into (B, T) tensors in the rollout's row order. With `bucket` the rows are
+    sorted by length first (groups of `group` kept together) and each chunk drops the padding columns none of its
+    rows uses (buckets.used_columns); the columns it drops are 0 in the result (masked everywhere downstream)."""
+    B, T = rollout.response_ids.shape
+    if not bucket:
+        parts = [fn(rollout.prompt_ids[s:s + chunk], rollout.prompt_mask[s:s + chunk],
+                    rollout.response_ids[s:s + chunk]) for s in range(0, B, chunk)]
+        return [torch.cat(col) for col in zip(*parts)]
+    outs: list[torch.Tensor] = []
+    for ids in sorted_chunks(rollout.response_mask, rollout.prompt_mask, chunk, group):
+        p, r = used_columns(rollout.prompt_mask[ids], rollout.response_mask[ids])
+        part = fn(rollout.prompt_ids[ids][:, p], rollout.prompt_mask[ids][:, p], rollout.response_ids[ids][:, r])
+        if not outs:
+            outs = [torch.zeros((B, T), dtype=t.dtype, device=t.device) for t in part]
+        for out, t in zip(outs, part):
+            out[ids, :t.shape[1]] = t
+    return outs
+
+
 def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float, want_values: bool = True,
-                      group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                      group: int = 1, bucket: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Old log-probs and values (B, T) of the sampled responses, without gradients (values 0 without a critic).
-    `chunk` rows at a time, a multiple of `group` (responses per prompt: seq2seq encodes each prompt once)."""
-    logps, values = [], []
+    `chunk` rows at a time, a multiple of `group` (responses per prompt: seq2seq encodes each prompt once); `bucket`:
+    length-sorted chunks without unused padding (`in_chunks`)."""
+    def one(prompt_ids, prompt_mask, response_ids):
+        logits, v = policy(prompt_ids, prompt_mask, response_ids, want_values=want_values, group=group)
+        logp = logprobs_from_logits(logits, response_ids, temperature).float()
+        return logp, (v.float() if want_values else torch.zeros_like(logp))
+
     with torch.no_grad():
-        for s in range(0, rollout.response_ids.shape[0], chunk):
-            sl = slice(s, s + chunk)
-            logits, v = policy(rollout.prompt_ids[sl], rollout.prompt_mask[sl], rollout.response_ids[sl],
-                               want_values=want_values, group=group)
-            logps.append(logprobs_from_logits(logits, rollout.response_ids[sl], temperature).float())
-            values.append(v.float() if want_values else torch.zeros_like(logps[-1]))
-    return torch.cat(logps), torch.cat(values)
+        logp, values = in_chunks(one, rollout, chunk, group, bucket)
+    return logp, values
+
+
+def reference_in_chunks(policy, reference, rollout: Rollout, chunk: int, temperature: float, forward=None,
+                        group: int = 1, bucket: bool = False) -> torch.Tensor:
+    """The frozen reference's log-probs (B, T) (models.reference_logprobs): the whole batch in one pass, or with
+    `bucket` in length-sorted chunks of `chunk` rows without unused padding."""
+    if not bucket:
+        return reference_logprobs(policy, reference, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                  temperature, forward=forward, group=group)
+    return in_chunks(lambda p, m, r: (reference_logprobs(policy, reference, p, m, r, temperature, forward=forward,
+                                                         group=group),), rollout, chunk, group, True)[0]
 
 
 def advantages_and_returns(cfg: Config, scores: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,

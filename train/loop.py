@@ -39,11 +39,10 @@ from detoxrl.train.build import Progress, Trainer, build_trainer
 from detoxrl.train.config import Config, config_hash
 from detoxrl.train.distributed import any_rank, describe, gathered_trainable, generation_weights, sum_reducer
 from detoxrl.train.experience import (Experience, advantages_and_returns, draw_max_new_tokens, forward_in_chunks,
-                                      sample_responses, shaped_scores)
+                                      reference_in_chunks, sample_responses, shaped_scores)
 from detoxrl.train.heldout import compare_before_after, heldout_evaluation
 from detoxrl.train.judges import judge_step
 from detoxrl.train.metrics import global_kl, step_metrics
-from detoxrl.train.models import reference_logprobs
 from detoxrl.train.signals import StopRequest
 from detoxrl.train.tracking import PhaseTimer, RunLogger, package_versions, sample_rows, write_json
 from detoxrl.train.update import UpdateResult, loss_terms, ppo_update
@@ -129,11 +128,12 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
 
         # 4. reference log-probs (frozen starting policy), then old log-probs and values of the policy
         with timer("time/reference"):
-            ref_logp = reference_logprobs(t.unwrapped, t.reference, rollout.prompt_ids, rollout.prompt_mask,
-                                          rollout.response_ids, temp, forward=policy, group=k)
+            ref_logp = reference_in_chunks(t.unwrapped, t.reference, rollout, cfg.generation.rollout_batch_size * k,
+                                           temp, forward=policy, group=k, bucket=cfg.ppo.bucket_by_length)
         with timer("time/old_logprobs"):
             old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
-                                                     want_values=cfg.ppo.estimator == "gae", group=k)
+                                                     want_values=cfg.ppo.estimator == "gae", group=k,
+                                                     bucket=cfg.ppo.bucket_by_length)
 
         # 5. advantages: per-token rewards (-beta*KL unless the KL is a loss term, + the score on the last
         #    token); GAE with the critic, or a critic-free estimator; normalised over the global batch

@@ -3,6 +3,18 @@
 Shapes: a rollout batch holds B responses (prompts x k). Prompts are padded per batch (right for seq2seq, left for
 causal) — never to a fixed length. Responses are right-padded to the longest in the batch; `response_mask` is 1 up
 to and including the first EOS and 0 after it.
+
+Two engines (`generation.engine`), both transformers' own `generate()` with the same sampling code (logits
+processors, temperature / top-k / top-p, min_new_tokens, EOS and per-row stopping, left-padded causal prompts with
+position ids from the mask), so they sample the same distribution:
+- `hf`: the dynamic KV cache (a tensor grown every step), eager.
+- `static`: a preallocated `StaticCache` (seq2seq: `EncoderDecoderCache` of a self-attention and a cross-attention
+  `StaticCache`) whose shapes do not change from step to step, so the decode step can be compiled with
+  `torch.compile` (transformers compiles the decode step only, the prefill stays eager; CUDA graphs on GPUs via
+  the "reduce-overhead" mode). Shapes are kept few so the compiled step is reused: generate() sees the prompts
+  padded to a multiple of `generation.static_pad_multiple` (the rollout keeps them as they were), and the cache is
+  sized for the longest response the run can draw. Unsupported models or settings fall back to `hf` with one
+  logged reason (`plan_engine`).
 """
 
 from __future__ import annotations
@@ -10,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
-from transformers import GenerationConfig as HFGenerationConfig, PreTrainedTokenizerBase
+from transformers import CompileConfig, GenerationConfig as HFGenerationConfig, PreTrainedTokenizerBase
 
 from detoxrl.train.config import GenerationConfig
 from detoxrl.train.models import PolicyWithValue
@@ -124,6 +136,88 @@ def _own_config_only(lm: nn.Module) -> Iterator[None]:
         base.generation_config = saved
 
 
+@dataclass(frozen=True)
+class EnginePlan:
+    """What `generate_rollouts` runs: the engine, whether the decode step is compiled, and why not what was asked."""
+    engine: str                   # hf | static
+    compile: bool = False
+    compile_mode: str = "default"    # torch.compile mode: reduce-overhead (CUDA graphs) on GPUs
+    fallback: Optional[str] = None   # the reason the static engine (or its compilation) is not used
+
+
+def _base_model(lm: nn.Module) -> nn.Module:
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def plan_engine(lm: nn.Module, gen: GenerationConfig, device: torch.device, synced_gpus: bool) -> EnginePlan:
+    """The engine for this model and these settings; a fallback to `hf` (or to no compilation) names its reason,
+    logged once per reason."""
+    if gen.engine == "hf":
+        return EnginePlan("hf")
+    base = _base_model(lm)
+    reason = None
+    if synced_gpus:
+        reason = ("generation on ZeRO-3-sharded weights (generation.zero3_gather_weights=false) steps every rank in "
+                  "lock-step with synced_gpus; the static cache is not used there")
+    elif not getattr(base, "_can_compile_fullgraph", False):
+        reason = (f"{type(base).__name__} does not declare support for a static KV cache and compilation in "
+                  f"transformers (_can_compile_fullgraph)")
+    if reason:
+        _warn_once(f"engine-{reason}", f"generation.engine=static: falling back to hf: {reason}")
+        return EnginePlan("hf", fallback=reason)
+    want = gen.compile if gen.compile != "auto" else ("always" if device.type == "cuda" else "never")
+    if want == "always" and getattr(base, "hf_quantizer", None) is not None and not base.hf_quantizer.is_compileable:
+        why = "the quantized base weights (policy.quantization) cannot be compiled; the static cache runs eager"
+        _warn_once(f"compile-{why}", f"generation.compile: {why}")
+        return EnginePlan("static", False, why)
+    return EnginePlan("static", want == "always", compile_mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def hf_generation_config(lm: nn.Module, tokenizer: PreTrainedTokenizerBase, gen: GenerationConfig,
+                         max_new_tokens: int, k: int, plan: EnginePlan, causal: bool,
+                         prompt_len: int = 0) -> HFGenerationConfig:
+    """transformers' GenerationConfig for one generate() call: every distribution-changing field neutral, the
+    `generation.*` sampling settings, and with the static engine its cache (sized for the longest response the run
+    can draw, so one compiled decode step serves the whole run) and compile settings."""
+    fields = {
+        # (min_length: left unset, so the emptied model config makes it 0 without transformers' warning about it)
+        **{f: v for f, v in NEUTRAL_GENERATION.items() if f != "min_length"}, "do_sample": gen.do_sample,
+        "top_k": gen.top_k if gen.do_sample else 0, "top_p": gen.top_p if gen.do_sample else 1.0,
+        "temperature": gen.temperature if gen.do_sample else 1.0, "min_new_tokens": gen.min_new_tokens,
+        "max_new_tokens": max_new_tokens, "num_return_sequences": k, "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "decoder_start_token_id": getattr(lm.config, "decoder_start_token_id", None), "use_cache": True}
+    if plan.engine == "static":
+        longest = max(max_new_tokens, gen.max_new_tokens, (gen.max_new_tokens_range or [0, 0])[1])
+        # seq2seq: the self-attention cache holds the decoder's tokens (start + response); the cross-attention
+        # cache is sized by transformers from the encoder's (padded) length
+        need = (prompt_len + longest) if causal else longest + 1
+        fields.update(cache_implementation="static", max_cache_len=_round_up(need, gen.static_pad_multiple))
+        if plan.compile:
+            cfg = CompileConfig(fullgraph=False, dynamic=False, mode=plan.compile_mode)
+            cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told (the CPU: compile=always)
+            fields["compile_config"] = cfg
+    fields["disable_compile"] = not plan.compile
+    return HFGenerationConfig(**fields)
+
+
+def pad_for_engine(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, left: bool, plan: EnginePlan,
+                   multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static engine's generate() input: prompts padded further to a multiple of `multiple` columns (left for
+    causal, right for seq2seq; masked, so the same function), so that few shapes reach the compiled step."""
+    if plan.engine != "static":
+        return ids, mask
+    extra = _round_up(ids.shape[1], multiple) - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    pad = (extra, 0) if left else (0, extra)
+    return (torch.nn.functional.pad(ids, pad, value=pad_id), torch.nn.functional.pad(mask, pad, value=0))
+
+
 def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
                       gen: GenerationConfig, max_new_tokens: int, device: torch.device,
                       synced_gpus: bool = False, k: int = 1) -> Rollout:
@@ -132,23 +226,21 @@ def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokeniz
     times); causal prompts are repeated. Returns one padded Rollout for all responses."""
     lm = policy.lm
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    hf_gen = HFGenerationConfig(**{
-        # (min_length: left unset, so the emptied model config makes it 0 without transformers' warning about it)
-        **{k: v for k, v in NEUTRAL_GENERATION.items() if k != "min_length"}, "do_sample": gen.do_sample, "top_k": gen.top_k if gen.do_sample else 0,
-        "top_p": gen.top_p if gen.do_sample else 1.0, "temperature": gen.temperature if gen.do_sample else 1.0,
-        "min_new_tokens": gen.min_new_tokens, "max_new_tokens": max_new_tokens, "num_return_sequences": k,
-        "pad_token_id": pad_id, "eos_token_id": eos_id, "bos_token_id": tokenizer.bos_token_id,
-        "decoder_start_token_id": getattr(lm.config, "decoder_start_token_id", None), "use_cache": True})
     left = policy.kind == "causal"
+    plan = plan_engine(lm, gen, device, synced_gpus)
+    longest_prompt = _round_up(max(len(p) for p in prompts), gen.static_pad_multiple)
+    hf_gen = hf_generation_config(lm, tokenizer, gen, max_new_tokens, k, plan, left, longest_prompt)
     chunks_ids, chunks_resp = [], []
     with torch.no_grad(), _own_config_only(lm):
         for start in range(0, len(prompts), gen.rollout_batch_size):
             chunk = prompts[start:start + gen.rollout_batch_size]
             ids, mask = pad_prompts(chunk, pad_id, left, device)
-            out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=hf_gen, synced_gpus=synced_gpus)
+            gen_ids, gen_mask = pad_for_engine(ids, mask, pad_id, left, plan, gen.static_pad_multiple)
+            out = lm.generate(input_ids=gen_ids, attention_mask=gen_mask, generation_config=hf_gen,
+                              synced_gpus=synced_gpus)
             if k > 1:
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
-            resp = out[:, 1:] if policy.kind == "seq2seq" else out[:, ids.shape[1]:]
+            resp = out[:, 1:] if policy.kind == "seq2seq" else out[:, gen_ids.shape[1]:]
             chunks_ids.append((ids, mask))
             chunks_resp.append(resp)
     P = max(i.shape[1] for i, _ in chunks_ids)

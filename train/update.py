@@ -3,6 +3,7 @@ equivalence test calls it on a fixed batch).
 
     loss_terms        what this step's loss is made of (critic or not, value clip, warm-up, KL loss, aggregation)
     micro_batch_loss  clipped policy loss + value loss - entropy bonus [+ KL loss] of one micro-batch
+    micro_batches     a mini-batch's rows cut into micro-batches (length-sorted with ppo.bucket_by_length)
     ppo_update        epochs x shuffled mini-batches x accumulated micro-batches, every rank in lock-step
 """
 
@@ -15,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from detoxrl.train.advantages import value_clip_range
+from detoxrl.train.buckets import by_length, used_columns
 from detoxrl.train.config import Config, PPOConfig
 from detoxrl.train.distributed import accumulating, sum_reducer, zero_stage
 from detoxrl.train.experience import Experience
@@ -41,16 +43,27 @@ class UpdateResult:
     nonfinite: int                 # ... of which for a non-finite loss
 
 
+def rows_of(batch: Experience, ids: torch.Tensor, trim: bool) -> Experience:
+    """The update's tensors of rows `ids`; with `trim`, without the padding columns none of them uses
+    (buckets.used_columns: the losses are unchanged, the forward pass is smaller)."""
+    p, r = used_columns(batch.prompt_mask[ids], batch.mask[ids]) if trim else (slice(None), slice(None))
+    ref = batch.ref_logp[ids][:, r] if batch.ref_logp is not None else None
+    return Experience(batch.prompt_ids[ids][:, p], batch.prompt_mask[ids][:, p], batch.response_ids[ids][:, r],
+                      batch.mask[ids][:, r], batch.old_logp[ids][:, r], batch.old_values[ids][:, r],
+                      batch.advantages[ids][:, r], batch.returns[ids][:, r], ref)
+
+
 def micro_batch_loss(policy, batch: Experience, ids: torch.Tensor, ppo: PPOConfig, temperature: float,
                      terms: LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy [+ kl_coef * KL], each aggregated
-    over `ids` as `terms.aggregation` says (the caller rescales to the global mini-batch)."""
-    logits, values = policy(batch.prompt_ids[ids], batch.prompt_mask[ids], batch.response_ids[ids],
-                            want_values=terms.value)
-    m = batch.mask[ids]
+    over `ids` as `terms.aggregation` says (the caller rescales to the global mini-batch). With
+    `ppo.bucket_by_length` the rows' unused padding columns are cut first."""
+    mb = rows_of(batch, ids, ppo.bucket_by_length)
+    logits, values = policy(mb.prompt_ids, mb.prompt_mask, mb.response_ids, want_values=terms.value)
+    m = mb.mask
     agg, const = terms.aggregation, terms.norm_constant
-    logp = logprobs_from_logits(logits, batch.response_ids[ids], temperature).float()
-    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[ids], batch.advantages[ids], m, ppo.clip_range, agg, const)
+    logp = logprobs_from_logits(logits, mb.response_ids, temperature).float()
+    pg_loss, pg_stats = policy_loss(logp, mb.old_logp, mb.advantages, m, ppo.clip_range, agg, const)
     policy_weight = 1.0 if terms.policy else 0.0  # a zero weight keeps the policy's parameters in the graph (DDP)
     # the entropy of the distribution sampled from (tempered); without gradients when it is only logged
     with torch.enable_grad() if ppo.entropy_coef and terms.policy else torch.no_grad():
@@ -59,16 +72,24 @@ def micro_batch_loss(policy, batch: Experience, ids: torch.Tensor, ppo: PPOConfi
     stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg_stats["clipfrac"],
              "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"]}
     if terms.kl_coef > 0:
-        kl_loss = aggregate_loss(kl_estimate(logp, batch.ref_logp[ids], terms.kl_estimator), m, agg, const)
+        kl_loss = aggregate_loss(kl_estimate(logp, mb.ref_logp, terms.kl_estimator), m, agg, const)
         loss = loss + policy_weight * terms.kl_coef * kl_loss
         stats["kl_loss"] = kl_loss
     if terms.value:
-        vf_loss, vf_stats = value_loss(values.float(), batch.old_values[ids], batch.returns[ids], m, terms.value_clip,
-                                       agg, const)
+        vf_loss, vf_stats = value_loss(values.float(), mb.old_values, mb.returns, m, terms.value_clip, agg, const)
         loss = loss + ppo.vf_coef * vf_loss
         stats.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
     stats["loss"] = loss
     return loss, stats
+
+
+def micro_batches(batch: Experience, mb: torch.Tensor, micro: int, bucket: bool) -> list[torch.Tensor]:
+    """The rows of mini-batch `mb` in micro-batches of `micro`: in shuffled order, or (`bucket`) sorted by length
+    (longest first) so that each micro-batch's rows need few padding columns. Which rows form the mini-batch is
+    the shuffle's alone; only their grouping into micro-batches changes, which the global token mean ignores."""
+    if bucket:
+        mb = mb[by_length(batch.mask[mb], batch.prompt_mask[mb])]
+    return [mb[s:s + micro] for s in range(0, len(mb), micro)]
 
 
 @contextmanager
@@ -144,22 +165,22 @@ def _ppo_epochs(accelerator, policy, optimizer, scheduler, batch: Experience, pp
         for mb, n_global in zip(minibatches, global_denominators):
             if deepspeed:  # (critic warm-up) the engine steps inside the mini-batch's last backward
                 hold()
-            micro_batches = [mb[s:s + micro] for s in range(0, len(mb), micro)]
+            micros = micro_batches(batch, mb, micro, ppo.bucket_by_length)
             bad = bad_nonfinite = False
             # DeepSpeed cannot drop gradients it has already reduced part-way through an accumulation, so with
             # several micro-batches the skip decision comes first, from a forward pass without gradients.
             decide_first = deepspeed and gas > 1
             if decide_first:
                 with torch.no_grad():
-                    for ids in micro_batches:
+                    for ids in micros:
                         loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature, terms)
                         bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
                         if bad:
                             break
-            for i, ids in enumerate(micro_batches):
+            for i, ids in enumerate(micros):
                 if bad:
                     break
-                with accumulating(accelerator, policy, boundary=i == len(micro_batches) - 1):
+                with accumulating(accelerator, policy, boundary=i == len(micros) - 1):
                     loss, st = micro_batch_loss(policy, batch, ids, ppo, temperature, terms)
                     if not decide_first:
                         bad, bad_nonfinite = agree_to_skip(accelerator, loss, st["ratio_mean"], ppo.ratio_threshold)
