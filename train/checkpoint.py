@@ -54,7 +54,8 @@ COMPLETE = "COMPLETE"
 # Keys that may change between a checkpoint and its resume without changing the maths.
 HARMLESS_PREFIXES = ("run.total_steps", "run.output_dir", "run.max_nonfinite_steps", "logging.", "checkpoint.",
                      "evaluation.", "reward.terms.*.device", "reward.terms.*.batch_size", "reference.device",
-                     "generation.rollout_batch_size", "run.device", "generation.zero3_gather_weights")
+                     "generation.rollout_batch_size", "run.device", "generation.zero3_gather_weights",
+                     "reward.placement", "reference.placement", "scorer.")
 
 
 @dataclass

@@ -50,7 +50,7 @@ def build_judges(cfgs: Sequence[JudgeConfig], resolve_path: Callable[[str, str],
 def reward_toxicity_term(reward: RewardModel, cfg: Config) -> Optional[RewardTerm]:
     """The reward term whose classifier measures toxicity (evaluation.term), if it has evaluation.toxic_label."""
     term = reward.terms[cfg.evaluation.term]
-    return term if cfg.evaluation.toxic_label in term.model.config.id2label.values() else None
+    return term if cfg.evaluation.toxic_label in term.config.id2label.values() else None
 
 
 def judge_step(judges: list[Judge], tox_term: Optional[RewardTerm], toxic_label: str,
