@@ -208,8 +208,9 @@ def start_machine_scorers(cfg: Config, accelerator, inputs: RunInputs, reward_de
     remote_ref = cfg.reference.mode == "copy" and cfg.reference.placement == "scorer"
     if not (remote_reward or remote_ref):
         return None
-    specs = plan_scorers([str(d) for d in reward_devices] if remote_reward else [None] * len(reward_devices),
-                         str(reference_device) if remote_ref else None)
+    name = lambda d: "cpu" if d.type == "cpu" else str(d)  # noqa: E731  (a CPU rank's device reads cpu:0)
+    specs = plan_scorers([name(d) for d in reward_devices] if remote_reward else [None] * len(reward_devices),
+                         name(reference_device) if remote_ref else None)
     paths = {"policy": inputs.policy_path, "kind": inputs.kind,
              "dtypes": {**{str(i): str(d) for i, d in enumerate(term_dtypes)}, "reference": str(dtype)}}
     rank = accelerator.process_index

@@ -147,11 +147,18 @@ class ScorerPool:
         """The one-line error for a scorer that died or hung (its exit status when this rank started it)."""
         spec, text = self.specs[scorer], str(err)
         hung = "Timed out" in text or "timeout" in text.lower()
-        status = self.procs[scorer].poll() if self.procs else None
+        status = None
+        if self.procs and not hung:  # a closed connection: give the process a moment to be reaped
+            try:
+                status = self.procs[scorer].wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
         if status is not None:
             why = f"died (exit status {status})"
         elif hung:
             why = f"did not answer within scorer.timeout={self.cfg.timeout:g} s (hung or overloaded)"
+        elif "Connection closed" in text or "Connection reset" in text:
+            why = "stopped answering (its connection closed: the process died or was killed)"
         else:
             why = f"stopped answering ({text.splitlines()[0][:160] if text else type(err).__name__})"
         self.broken = f"{spec.describe()} of machine rank {machine_rank()} {why}; its log: {self.logs[scorer]}"

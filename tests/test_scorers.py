@@ -1,0 +1,50 @@
+"""Scorers' pure parts: which scorer holds which model, the token-budget packing and its scores, the wire format.
+The processes themselves (2 training ranks + a reward scorer + a reference scorer, bitwise equal to local scoring,
+a killed scorer, resume) run inside tests/test_distributed.py's launches."""
+
+from __future__ import annotations
+
+import torch
+
+from detoxrl.train.config import RewardTermConfig
+from detoxrl.train.reward import RewardTerm, token_budget_batches
+from detoxrl.train.scorers import ScorerSpec, decode_texts, encode_texts, plan_scorers
+
+
+def test_one_scorer_per_device_and_one_per_model_on_the_cpu():
+    # two terms and the reference on one spare GPU share a scorer; a term on another GPU gets its own
+    assert plan_scorers(["cuda:6", "cuda:7", "cuda:6"], "cuda:6") == [ScorerSpec(0, "cuda:6", [0, 2], True),
+                                                                      ScorerSpec(1, "cuda:7", [1], False)]
+    # the CPU: a scorer per model, so that they run in parallel
+    assert plan_scorers(["cpu"], "cpu") == [ScorerSpec(0, "cpu", [0]), ScorerSpec(1, "cpu", [], True)]
+    # None: that model stays local (reward local, reference on a scorer)
+    assert plan_scorers([None, None], "cuda:1") == [ScorerSpec(0, "cuda:1", [], True)]
+    assert ScorerSpec(0, "cuda:6", [0, 2], True).describe() == "scorer 0 (reward term 0, reward term 2, reference on cuda:6)"
+
+
+def test_token_budget_batches_fill_up_to_the_budget():
+    assert token_budget_batches([2, 3, 3, 5, 9], 10) == [(0, 3), (3, 4), (4, 5)]  # 3x3=9, 1x5 (2x9 > 10), 9
+    assert token_budget_batches([20], 10) == [(0, 1)]                              # a text over budget: alone
+    assert token_budget_batches([], 10) == []
+    spans = token_budget_batches(list(range(1, 50)), 64)
+    assert spans[0][0] == 0 and spans[-1][1] == 49 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all((e - s) * n <= 64 or e - s == 1 for (s, e), n in zip(spans, [e for _, e in spans]))
+
+
+def test_packed_scores_agree_with_per_batch_scores(demo_assets):
+    """Packing every rank's texts into shared length-sorted batches changes only the rounding (batch-size-dependent
+    kernels), never which text gets which score."""
+    term = RewardTerm(RewardTermConfig(model="demo", batch_size=4), str(demo_assets["reward"]), torch.device("cpu"),
+                      torch.float32)
+    texts = ["you are an idiot", "thanks a lot", "the meeting moved to noon, bring the report and the slides", "no",
+             "Person1 wants a car but has no money"] * 5
+    local = term.logits([""] * len(texts), texts, False)
+    packed = term.logits([""] * len(texts), texts, False, max_batch_tokens=64)
+    torch.testing.assert_close(packed, local, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(local[0], local[1])
+
+
+def test_text_payloads_round_trip():
+    payload = {"prompts": ["a\u00e9", ""], "responses": ["\U0001f600 b", "c"]}
+    t = encode_texts(payload)
+    assert t.dtype == torch.uint8 and decode_texts(t) == payload
