@@ -1,0 +1,137 @@
+"""Scorer placement vs local placement, side by side in one run: the step time falls by the share that overlaps.
+
+With `reward.placement: scorer` and `reference.placement: scorer` the reward classifier and the reference copy run
+in scorer processes while the training rank computes its old log-probs and values; with `local` the rank does all
+three in turn. The configuration makes reward scoring a large share of the step: a RoBERTa classifier (hidden 512,
+6 layers) bigger than the policy (a T5 of d_model 256, 4 layers), both random weights, built locally. The two
+placements alternate (local, scorer, local, scorer, ...) so that a changing machine load hits both alike; each run
+is a separate `detoxrl-train` process on the CPU (one training rank; scorers are extra processes).
+
+    python -m benchmarks.scorer_overlap                      # 2 rounds x 2 placements, 6 steps each (2 warm-up)
+    python -m benchmarks.scorer_overlap --rounds 3 --steps 8 --no-append
+
+It prints one JSON record per run and appends a Markdown section to benchmarks/RESULTS.md: step time, the phases
+(reward, reference, old log-probs, time waiting on the scorers), and the expected saving (the local run's old
+log-prob + reference time that the scorer run overlaps with the reward). The GPU command for the real layout
+(6 training ranks, reward model and reference each on a spare GPU) is in RESULTS.md's section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+PHASES = ("generate", "reward", "reference", "old_logprobs", "wait_reward", "wait_reference", "ppo_update")
+PLACEMENTS = {"local": [], "scorer": ["reward.placement=scorer", "reference.placement=scorer"]}
+
+
+def build_assets() -> dict[str, Path]:
+    """A T5 policy (d_model 256) and a bigger RoBERTa reward (hidden 512, 6 layers), cached like the other sets."""
+    from benchmarks.assets import ROBERTA_SIZES, T5_SIZES, ModelSet, build_model_set
+
+    T5_SIZES.setdefault("mini", dict(d_model=256, d_ff=1024, num_layers=4, num_heads=4, d_kv=64))
+    ROBERTA_SIZES.setdefault("medium", dict(hidden=512, layers=6, heads=8))
+    return build_model_set(ModelSet("seq2seq", "mini", "medium", vocab=None, prompt_chars=300, rows=256))
+
+
+def overrides(paths: dict[str, Path], steps: int, batch: int, threads: int, out: Path) -> list[str]:
+    return [f"policy.model={paths['policy']}", f"reward.terms.0.model={paths['reward']}",
+            f"data.dataset={paths['data']}", "data.reference_field=null", "data.max_prompt_tokens=64",
+            f"run.total_steps={steps}", f"run.cpu_threads={threads}", f"ppo.batch_size={batch}",
+            f"ppo.mini_batch_size={batch}", "ppo.ppo_epochs=1", "generation.max_new_tokens=24",
+            "generation.min_new_tokens=24", "reference.mode=copy", "reference.device=cpu",
+            "reward.terms.0.batch_size=64", "evaluation.before_after=false", "logging.progress_bar=false",
+            "logging.sample_every=0", "logging.tensorboard=false", "alarms.enabled=false", "judges=[]", f"run.output_dir={out}"]
+
+
+def run_one(placement: str, args, paths: dict[str, Path], out: Path) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    argv = [sys.executable, "-m", "detoxrl.train", "--config", str(REPO / "configs/ppo/demo.yaml"),
+            *overrides(paths, args.steps, args.batch_size, args.threads, out), *PLACEMENTS[placement]]
+    load = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{placement} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
+    phases = {p: statistics.mean(m.get(f"time/{p}", 0.0) for m in metrics) for p in PHASES}
+    return {"placement": placement, "step_seconds": statistics.mean(m["time/step"] for m in metrics),
+            "step_seconds_median": statistics.median(m["time/step"] for m in metrics), "phases": phases,
+            "timed_steps": len(metrics), "load_average_at_start": load, "wall_seconds": time.perf_counter() - t0,
+            "reward_mean": statistics.mean(m["env/reward_mean"] for m in metrics)}
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {p: [r for r in records if r["placement"] == p] for p in PLACEMENTS}
+    mean = {p: statistics.mean(r["step_seconds"] for r in rs) for p, rs in by.items()}
+    ph = {p: {k: statistics.mean(r["phases"][k] for r in rs) for k in PHASES} for p, rs in by.items()}
+    overlappable = ph["local"]["old_logprobs"] + min(ph["local"]["reference"], ph["local"]["reward"])
+    return {"local_step_s": mean["local"], "scorer_step_s": mean["scorer"],
+            "saving_s": mean["local"] - mean["scorer"], "saving_share": 1 - mean["scorer"] / mean["local"],
+            "expected_saving_s": min(overlappable, ph["local"]["reward"]), "phases": ph}
+
+
+def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: dict[str, Any]) -> str:
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = [f"| {r['placement']} | {r['step_seconds']:.3f} | " + " | ".join(f"{r['phases'][p]:.3f}" for p in PHASES)
+            + f" | {r['load_average_at_start'][0]} |" for r in records]
+    ph = s["phases"]
+    return "\n".join([
+        f"\n## Scorer overlap (CPU), {date}\n",
+        f"`python -m benchmarks.scorer_overlap --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup} "
+        f"--batch-size {args.batch_size} --threads {args.threads}`; machine: {machine['cpu']}, {machine['cores']} "
+        f"cores, SHARED with other work (1-minute load average at the start of each run in the last column). One "
+        f"training rank; `scorer` adds a reward scorer and a reference scorer process. Policy T5 d_model 256 x 4 "
+        f"layers; reward RoBERTa hidden 512 x 6 layers (random weights); batch {args.batch_size}, 24 new tokens, "
+        f"1 PPO epoch. Seconds per step, mean over the timed steps:\n",
+        "| placement | step | " + " | ".join(PHASES) + " | load |", "|---" * (len(PHASES) + 3) + "|", *rows, "",
+        f"Mean step: local {s['local_step_s']:.3f} s, scorer {s['scorer_step_s']:.3f} s: {s['saving_s']:.3f} s "
+        f"saved ({100 * s['saving_share']:.1f}%). The overlappable share of the local step (its old log-probs "
+        f"{ph['local']['old_logprobs']:.3f} s + reference {ph['local']['reference']:.3f} s, capped by the reward's "
+        f"{ph['local']['reward']:.3f} s) is {s['expected_saving_s']:.3f} s; with scorers the rank waited "
+        f"{ph['scorer']['wait_reward']:.3f} s on the reward scorer and {ph['scorer']['wait_reference']:.3f} s on the "
+        f"reference scorer per step.", ""])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scorer_overlap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=2, help="local/scorer pairs to run (default 2)")
+    p.add_argument("--steps", type=int, default=6, help="PPO steps per run (default 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps of each run (default 2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (training rank and scorers)")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--out", type=Path, default=Path("/tmp/detoxrl-scorer-overlap"))
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = p.parse_args(argv)
+    from benchmarks.ppo_throughput import machine
+
+    paths = build_assets()
+    records = []
+    for k in range(args.rounds):
+        for placement in PLACEMENTS:
+            out = args.out / f"{placement}-{k}"
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
+            records.append(run_one(placement, args, paths, out))
+            print(json.dumps(records[-1]), flush=True)
+    s = summary(records)
+    print(json.dumps(s), flush=True)
+    if not args.no_append:
+        with open(RESULTS, "a") as f:
+            f.write(markdown(records, s, args, machine()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
