@@ -48,3 +48,42 @@ def test_text_payloads_round_trip():
     payload = {"prompts": ["a\u00e9", ""], "responses": ["\U0001f600 b", "c"]}
     t = encode_texts(payload)
     assert t.dtype == torch.uint8 and decode_texts(t) == payload
+
+
+def test_request_chunks_keep_requests_whole_within_the_budget():
+    from detoxrl.train.scorer_server import request_chunks
+
+    assert request_chunks([(4, 10), (4, 12), (4, 30)], 100) == [[0, 1], [2]]  # 8 x 12 = 96; 12 x 30 > 100
+    assert request_chunks([(8, 50)], 10) == [[0]]                             # a request over budget: alone
+
+
+def test_packed_reference_logprobs_agree_with_per_request(demo_assets):
+    """Re-padding the ranks' requests to one shape (seq2seq: prompts on the right; causal: prompts on the left, the
+    positions follow the mask) changes nothing but roundings, in every row's real positions."""
+    from transformers import AutoModelForSeq2SeqLM, GPT2Config, GPT2LMHeadModel
+
+    from detoxrl.train.models import FrozenReference
+    from detoxrl.train.scorer_server import reference_round
+    from detoxrl.train.scorers import header
+
+    torch.manual_seed(0)
+    seq2seq = FrozenReference(AutoModelForSeq2SeqLM.from_pretrained(str(demo_assets["policy"])), "seq2seq")
+    causal = FrozenReference(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100,
+                                                        n_positions=64)), "causal")
+    for reference, left in ((seq2seq, False), (causal, True)):
+        requests = []
+        for b, p, t in ((4, 5, 3), (4, 9, 6)):  # two ranks, different prompt and response lengths, groups of k=2
+            ids = torch.randint(3, 90, (b, p))
+            mask = torch.ones(b, p, dtype=torch.long)
+            mask[0::2, :2] = 0 if left else 1  # some padding inside each request (left for causal)
+            if not left:
+                mask[0::2, -2:] = 0
+            ids[1::2] = ids[0::2]  # k=2 responses per prompt share it
+            mask[1::2] = mask[0::2]
+            payload = torch.cat([ids.reshape(-1), mask.reshape(-1), torch.randint(3, 90, (b, t)).reshape(-1)])
+            requests.append((header(2, 0, payload, b, p, t), payload))
+        alone = reference_round(reference, requests, 1.0, 2, "per_rank", 10_000)
+        packed = reference_round(reference, requests, 1.0, 2, "packed", 10_000)
+        assert [a.shape for a in alone] == [(4, 3), (4, 6)] == [q.shape for q in packed]
+        for a, q in zip(alone, packed):
+            torch.testing.assert_close(q, a, atol=1e-5, rtol=1e-5)

@@ -165,10 +165,11 @@ class ScorerConfig:
     """Reward scoring on a scorer: `packed` sorts the texts of all local ranks by length and scores them in shared
     batches of up to `max_batch_tokens` padded tokens (one forward serves several ranks); `per_rank` scores each
     rank's texts exactly as `local` placement does (`reward.terms.N.batch_size`), so the scores are bitwise those of
-    `local` (kernels give batch-size-dependent roundings: `packed` agrees to ~1e-6). The reference always runs one
-    forward per rank's request, as `local` does."""
+    `local` (kernels give batch-size-dependent roundings: `packed` agrees to ~1e-6). The reference copy likewise:
+    `packed` re-pads the ranks' requests to one shape and runs them together, `per_rank` one forward per rank."""
     max_batch_tokens: int = 16384
-    """`packed`: padded tokens (texts x longest text) per forward pass."""
+    """`packed`: padded tokens per forward pass (reward: texts x longest text; reference: rows x (prompt + response
+    length))."""
     cpu_threads: Optional[int] = None
     """Torch CPU threads of each scorer process (null = `run.cpu_threads`, else torch's default)."""
 

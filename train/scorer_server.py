@@ -6,7 +6,8 @@ rounds of requests (one from every local training rank) until every rank says st
 
 Reward requests of a round are scored together: `scorer.batching: packed` sorts all ranks' texts by length and
 scores them in shared batches of up to `scorer.max_batch_tokens` padded tokens; `per_rank` scores each rank's texts
-as its own `local` term would (bitwise the same). Reference requests run one forward per rank, as `local` does.
+as its own `local` term would (bitwise the same). Reference requests likewise: packed re-pads the ranks' requests to
+one shape and runs them together up to the token budget; per_rank runs each alone, as `local` does.
 """
 
 from __future__ import annotations
@@ -90,16 +91,60 @@ def reward_round(term, requests: list[tuple[torch.Tensor, torch.Tensor]], batchi
     return list(torch.split(logits, counts))
 
 
-def reference_round(reference, requests, temperature: float, group_k: int) -> list[torch.Tensor]:
+def reference_round(reference, requests, temperature: float, group_k: int, batching: str,
+                    max_tokens: int) -> list[torch.Tensor]:
+    """Log-probs (B_r, T_r) for every rank's request: each request alone (per_rank: as `local` computes them), or
+    (packed) consecutive requests re-padded to a common prompt and response length and run together, as many as
+    fit in `max_tokens` padded tokens (rows x (prompt + response length))."""
     from detoxrl.train.models import reference_logprobs
 
-    out = []
+    unpacked = []
     for h, payload in requests:
         b, p, t = (int(x) for x in h[4:7])
         ids, mask, resp = torch.split(payload, [b * p, b * p, b * t])
-        out.append(reference_logprobs(None, reference, ids.view(b, p), mask.view(b, p), resp.view(b, t), temperature,
-                                      group=group_k).cpu().contiguous())
+        unpacked.append((ids.view(b, p), mask.view(b, p), resp.view(b, t)))
+    if batching == "per_rank":
+        return [reference_logprobs(None, reference, *u, temperature, group=group_k).cpu().contiguous()
+                for u in unpacked]
+    out: list[torch.Tensor] = []
+    for chunk in request_chunks([(u[0].shape[0], u[0].shape[1] + u[2].shape[1]) for u in unpacked], max_tokens):
+        part = [unpacked[i] for i in chunk]
+        ids, mask, resp = repad(part, left=reference.kind == "causal")
+        logp = reference_logprobs(None, reference, ids, mask, resp, temperature, group=group_k).cpu()
+        start = 0
+        for pid, _, r in part:
+            out.append(logp[start:start + pid.shape[0], :r.shape[1]].contiguous())
+            start += pid.shape[0]
     return out
+
+
+def request_chunks(sizes: list[tuple[int, int]], max_tokens: int) -> list[list[int]]:
+    """Consecutive requests (rows, length each) grouped while rows x the longest length stays within
+    `max_tokens` (at least one request per chunk)."""
+    chunks: list[list[int]] = []
+    rows = longest = 0
+    for i, (b, n) in enumerate(sizes):
+        if chunks and (rows + b) * max(longest, n) <= max_tokens:
+            chunks[-1].append(i)
+            rows, longest = rows + b, max(longest, n)
+        else:
+            chunks.append([i])
+            rows, longest = b, n
+    return chunks
+
+
+def repad(part, left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack requests: prompts padded to the longest (on the left for causal policies, whose prompts are
+    left-padded; masked either way), responses on the right (later positions never change earlier log-probs)."""
+    p_max = max(u[0].shape[1] for u in part)
+    t_max = max(u[2].shape[1] for u in part)
+
+    def pad(x: torch.Tensor, width: int, on_left: bool) -> torch.Tensor:
+        extra = torch.zeros(x.shape[0], width - x.shape[1], dtype=x.dtype)
+        return torch.cat([extra, x] if on_left else [x, extra], dim=1)
+
+    return (torch.cat([pad(u[0], p_max, left) for u in part]), torch.cat([pad(u[1], p_max, left) for u in part]),
+            torch.cat([pad(u[2], t_max, False) for u in part]))
 
 
 def fault(index: int, served: int) -> None:
@@ -130,7 +175,8 @@ def serve(group, local_world: int, terms: dict, reference, cfg, index: int) -> N
         if op == OP_LOGITS:
             replies = reward_round(terms[term], requests, cfg.scorer.batching, cfg.scorer.max_batch_tokens)
         elif op == OP_REFERENCE:
-            replies = reference_round(reference, requests, cfg.generation.temperature, cfg.ppo.k)
+            replies = reference_round(reference, requests, cfg.generation.temperature, cfg.ppo.k,
+                                      cfg.scorer.batching, cfg.scorer.max_batch_tokens)
         else:
             raise RuntimeError(f"unknown request {op}")
         for r, reply in enumerate(replies):
