@@ -5,8 +5,10 @@ several steps and that losses are finite; the strategies must end with the same 
 a checkpoint while generating on the sharded model (`synced_gpus`), with responses ending at different lengths per
 rank (without `synced_gpus` that deadlocks; the timeout turns a hang into a failure). An equivalence test runs one
 PPO update on a fixed rollout as 1 process x 8 rows and 2 processes x 4 rows. One launch per strategy (DDP, ZeRO-2)
-trains every advantage estimator and critic mode on both policy kinds and resumes each bitwise. GPU-only paths are
-marked `gpu`.
+trains every advantage estimator and critic mode on both policy kinds and resumes each bitwise; in the same launch
+the reward and reference copy move to scorer processes (2 training ranks + a reward scorer + a reference scorer),
+bitwise equal to local scoring, and (DDP) a killed scorer stops both ranks with its name after a checkpoint from
+which the run resumes exactly. GPU-only paths are marked `gpu`.
 
 This file is also the worker the equivalence and estimator tests launch: `python tests/test_distributed.py
 equivalence|combos ...`.
