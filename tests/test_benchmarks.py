@@ -195,3 +195,23 @@ def test_learning_summaries_and_intervals():
     with pytest.raises(SystemExit, match="unknown configuration"):
         learning.resolve_configuration("nope", {})
     assert learning.resolve_configuration("trl011-lr1e-3", {}).lr == 1e-3
+
+
+def test_scorer_overlap_summary_and_markdown():
+    """The scorer benchmark's arithmetic (the harness itself runs for minutes: benchmarks/RESULTS.md)."""
+    from types import SimpleNamespace
+
+    from benchmarks.scorer_overlap import PHASES, markdown, summary
+
+    def record(placement, step, **phases):
+        return {"placement": placement, "step_seconds": step, "phases": {p: phases.get(p, 0.0) for p in PHASES},
+                "load_average_at_start": [1.0, 1.0, 1.0]}
+
+    records = [record("local", 3.0, reward=1.0, reference=0.3, old_logprobs=0.5),
+               record("scorer", 2.4, old_logprobs=0.5, reference=0.3, wait_reward=0.2)]
+    s = summary(records)
+    assert s["saving_s"] == pytest.approx(0.6) and s["saving_share"] == pytest.approx(0.2)
+    assert s["expected_saving_s"] == pytest.approx(0.8)  # the reward hides behind reference + old log-probs
+    args = SimpleNamespace(rounds=1, steps=6, warmup=2, batch_size=32, threads=1, reference_scorer=False)
+    text = markdown(records, s, args, {"cpu": "test cpu", "cores": 2})
+    assert "0.600 s saved (20.0%)" in text and "SHARED" in text
