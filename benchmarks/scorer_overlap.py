@@ -8,7 +8,10 @@ placements alternate (local, scorer, local, scorer, ...) so that a changing mach
 is a separate `detoxrl-train` process on the CPU (one training rank; scorers are extra processes).
 
     python -m benchmarks.scorer_overlap                      # 2 rounds x 2 placements, 6 steps each (2 warm-up)
-    python -m benchmarks.scorer_overlap --rounds 3 --steps 8 --no-append
+    python -m benchmarks.scorer_overlap --rounds 3 --steps 8 --no-append --reference-scorer
+    # the real layout, one 8-GPU node: 6 training ranks, the reward scorer on GPU 6, the reference scorer on GPU 7
+    python -m benchmarks.scorer_overlap --launch "--strategy zero2 --num-processes 6 --mixed-precision bf16" \
+        --reference-scorer --policy-size base --reward-size base --real-vocab --batch-size 64 --threads 0
 
 It prints one JSON record per run and appends a Markdown section to benchmarks/RESULTS.md: step time, the phases
 (reward, reference, old log-probs, time waiting on the scorers), and the expected saving (the local run's old
@@ -34,19 +37,21 @@ PHASES = ("generate", "reward", "reference", "old_logprobs", "wait_reward", "wai
 PLACEMENTS = {"local": [], "scorer": ["reward.placement=scorer"]}
 
 
-def build_assets() -> dict[str, Path]:
-    """A T5 policy (d_model 256) and a bigger RoBERTa reward (hidden 512, 6 layers), cached like the other sets."""
-    from benchmarks.assets import ROBERTA_SIZES, T5_SIZES, ModelSet, build_model_set
+def build_assets(policy_size: str, reward_size: str, real_vocab: bool) -> dict[str, Path]:
+    """A T5 policy and a RoBERTa reward (default: d_model 256 x 4 layers, and a bigger hidden 512 x 6 layers; `base`
+    for both is flan-t5-base against roberta-base, the headline's sizes), random weights, cached like the other sets."""
+    from benchmarks.assets import REAL_VOCAB, ROBERTA_SIZES, T5_SIZES, ModelSet, build_model_set
 
     T5_SIZES.setdefault("mini", dict(d_model=256, d_ff=1024, num_layers=4, num_heads=4, d_kv=64))
     ROBERTA_SIZES.setdefault("medium", dict(hidden=512, layers=6, heads=8))
-    return build_model_set(ModelSet("seq2seq", "mini", "medium", vocab=None, prompt_chars=300, rows=256))
+    return build_model_set(ModelSet("seq2seq", policy_size, reward_size, REAL_VOCAB["t5"] if real_vocab else None,
+                                    prompt_chars=300, rows=256))
 
 
 def overrides(paths: dict[str, Path], steps: int, batch: int, threads: int, out: Path) -> list[str]:
     return [f"policy.model={paths['policy']}", f"reward.terms.0.model={paths['reward']}",
             f"data.dataset={paths['data']}", "data.reference_field=null", "data.max_prompt_tokens=64",
-            f"run.total_steps={steps}", f"run.cpu_threads={threads}", f"ppo.batch_size={batch}",
+            f"run.total_steps={steps}", f"run.cpu_threads={threads or 'null'}", f"ppo.batch_size={batch}",
             f"ppo.mini_batch_size={batch}", "ppo.ppo_epochs=1", "generation.max_new_tokens=24",
             "generation.min_new_tokens=24", "reference.mode=copy", "reference.device=cpu",
             "reward.terms.0.batch_size=64", "evaluation.before_after=false", "logging.progress_bar=false",
@@ -54,10 +59,12 @@ def overrides(paths: dict[str, Path], steps: int, batch: int, threads: int, out:
 
 
 def run_one(placement: str, args, paths: dict[str, Path], out: Path) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(args.threads)}
+                                                                 if args.threads else {})}
     extra = [*PLACEMENTS[placement], *(["reference.placement=scorer"] if placement == "scorer" and
                                        args.reference_scorer else [])]
-    argv = [sys.executable, "-m", "detoxrl.train", "--config", str(REPO / "configs/ppo/demo.yaml"),
+    launcher = ["-m", "detoxrl.launch", *args.launch.split(), "--run"] if args.launch else ["-m", "detoxrl.train"]
+    argv = [sys.executable, *launcher, "--config", str(REPO / "configs/ppo/demo.yaml"),
             *overrides(paths, args.steps, args.batch_size, args.threads, out), *extra]
     load = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
@@ -95,10 +102,11 @@ def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: di
         f"`python -m benchmarks.scorer_overlap --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup} "
         f"--batch-size {args.batch_size} --threads {args.threads}"
         f"{' --reference-scorer' if args.reference_scorer else ''}`; machine: {machine['cpu']}, {machine['cores']} "
-        f"cores, SHARED with other work (1-minute load average at the start of each run in the last column). One "
-        f"training rank; `scorer` adds a reward scorer process{held}. Policy T5 d_model 256 x 4 "
-        f"layers; reward RoBERTa hidden 512 x 6 layers (random weights); batch {args.batch_size}, 24 new tokens, "
-        f"1 PPO epoch. Seconds per step, mean over the timed steps:\n",
+        f"cores, SHARED with other work (1-minute load average at the start of each run in the last column). "
+        f"{'Launch: ' + args.launch if args.launch else 'One training rank'}; `scorer` adds a reward scorer "
+        f"process{held}. Policy T5 `{args.policy_size}`, reward RoBERTa `{args.reward_size}` (benchmarks/assets.py "
+        f"sizes, random weights); batch {args.batch_size}, 24 new tokens, 1 PPO epoch. Seconds per step, mean over "
+        f"the timed steps:\n",
         "| placement | step | " + " | ".join(PHASES) + " | load |", "|---" * (len(PHASES) + 3) + "|", *rows, "",
         f"Mean step: local {s['local_step_s']:.3f} s, scorer {s['scorer_step_s']:.3f} s: {s['saving_s']:.3f} s "
         f"saved ({100 * s['saving_share']:.1f}%). The overlappable share of the local step (the reward "
@@ -115,7 +123,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="PPO steps per run (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps of each run (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (training rank and scorers)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (training ranks and scorers; "
+                   "0: torch's default)")
+    p.add_argument("--launch", default=None, help="detoxrl-launch arguments for several ranks, e.g. \"--strategy "
+                   "zero2 --num-processes 6 --mixed-precision bf16\" (default: one process, no launcher)")
+    p.add_argument("--policy-size", default="mini", help="T5 size (benchmarks/assets.py T5_SIZES; default mini)")
+    p.add_argument("--reward-size", default="medium", help="RoBERTa size (ROBERTA_SIZES; default medium)")
+    p.add_argument("--real-vocab", action="store_true", help="the models' published vocabulary sizes")
     p.add_argument("--reference-scorer", action="store_true", help="put the reference copy on a scorer too (a third "
                    "busy process: on a 2-core machine it competes with the training rank)")
     p.add_argument("--timeout", type=int, default=1800)
@@ -124,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     from benchmarks.ppo_throughput import machine
 
-    paths = build_assets()
+    paths = build_assets(args.policy_size, args.reward_size, args.real_vocab)
     records = []
     for k in range(args.rounds):
         for placement in PLACEMENTS:

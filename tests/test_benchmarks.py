@@ -212,6 +212,7 @@ def test_scorer_overlap_summary_and_markdown():
     s = summary(records)
     assert s["saving_s"] == pytest.approx(0.6) and s["saving_share"] == pytest.approx(0.2)
     assert s["expected_saving_s"] == pytest.approx(0.8)  # the reward hides behind reference + old log-probs
-    args = SimpleNamespace(rounds=1, steps=6, warmup=2, batch_size=32, threads=1, reference_scorer=False)
+    args = SimpleNamespace(rounds=1, steps=6, warmup=2, batch_size=32, threads=1, reference_scorer=False, launch=None,
+                           policy_size="mini", reward_size="medium")
     text = markdown(records, s, args, {"cpu": "test cpu", "cores": 2})
     assert "0.600 s saved (20.0%)" in text and "SHARED" in text
