@@ -9,6 +9,7 @@ train/update.py; step 7's figures are train/metrics.py.
         2. rollout      batched sampling from the policy (LoRA on), decoded to text
         3. reward       re-tokenize for each classifier, score in length-sorted batches
         4. reference    log-probs under the frozen reference; old log-probs and values under the policy
+                        (3 and 4 are submitted first: scorer processes compute them meanwhile, train/scorers.py)
         5. advantages   per-token -beta*KL + score on the last token; GAE with the critic or a critic-free
                         estimator over the k responses per prompt; normalised over the global batch
         6. PPO epochs   clipped policy + value losses (+ KL loss) over shuffled mini-batches with gradient
