@@ -108,8 +108,8 @@ def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: di
         f"sizes, random weights); batch {args.batch_size}, 24 new tokens, 1 PPO epoch. Seconds per step, mean over "
         f"the timed steps:\n",
         "| placement | step | " + " | ".join(PHASES) + " | load |", "|---" * (len(PHASES) + 3) + "|", *rows, "",
-        f"Mean step: local {s['local_step_s']:.3f} s, scorer {s['scorer_step_s']:.3f} s: {s['saving_s']:.3f} s "
-        f"saved ({100 * s['saving_share']:.1f}%). The overlappable share of the local step (the reward "
+        f"Mean step: local {s['local_step_s']:.3f} s, scorer {s['scorer_step_s']:.3f} s: "
+        f"{'saved' if s['saving_s'] >= 0 else 'LOST'} {abs(s['saving_s']):.3f} s ({100 * s['saving_share']:+.1f}%). The overlappable share of the local step (the reward "
         f"{ph['local']['reward']:.3f} s, hidden behind the rank's old log-probs {ph['local']['old_logprobs']:.3f} s + "
         f"reference {ph['local']['reference']:.3f} s as far as they last) is {s['expected_saving_s']:.3f} s; with "
         f"scorers the rank waited "

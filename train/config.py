@@ -158,7 +158,8 @@ class ScorerConfig:
     training rank, one per device (the CPU counts as one device per model), stopped with the run."""
     timeout: float = 300.0
     """Seconds a training rank waits for a scorer's answer; a scorer that dies or stays silent longer stops every
-    rank with an error naming it, after a checkpoint of the last finished step."""
+    rank with an error naming it, after a checkpoint of the last finished step. Keep it below the training process
+    group's timeout (30 min by default), which the other machines' ranks wait under meanwhile."""
     start_timeout: float = 600.0
     """Seconds to wait for the scorers to load their models and connect."""
     batching: Literal["packed", "per_rank"] = "packed"

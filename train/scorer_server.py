@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from detoxrl.train.scorers import (GROUP_PREFIX, HEADER, OP_LOGITS, OP_REFERENCE, OP_SHUTDOWN, TAG_REPLY, TAG_REQUEST,
-                                   decode_texts)
+from detoxrl.train.scorers import (HEADER, OP_LOGITS, OP_REFERENCE, OP_SHUTDOWN, TAG_REPLY, TAG_REQUEST, decode_texts,
+                                   loopback_group)
 
 FOREVER = timedelta(days=30)  # a scorer waits for the ranks as long as they train; a dropped connection ends it
 
@@ -205,8 +205,7 @@ def main(argv: list[str]) -> int:
     store.set(status_key, json.dumps(report))
     print(f"scorer {index} on {spec['device']} ready: {report}", flush=True)
     local_world = spec["local_world"]
-    group = dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, store), local_world + index,
-                                  local_world + spec["scorers"], FOREVER)
+    group = loopback_group(store, local_world + index, local_world + spec["scorers"], FOREVER)
     try:
         serve(group, local_world, terms, reference, cfg, index)
     except RuntimeError as err:  # a rank went away (the run ended badly or was killed): nothing left to serve

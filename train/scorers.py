@@ -252,6 +252,17 @@ def machine_rank() -> int:
     return (rank - local_rank) // max(1, local_world)
 
 
+def loopback_group(store, rank: int, size: int, timeout: timedelta):
+    """The machine's scorer group: gloo over the loopback (every member is on this machine; the default device would
+    follow the hostname, which on a cluster may resolve to an interface meant for other traffic)."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    return dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, store), rank, size, opts)
+
+
 def scorer_env(threads: Optional[int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(WORLD_ENV + ("ACCELERATE_",))}
     if threads:
@@ -291,8 +302,7 @@ def start_scorers(cfg: Config, specs: list[ScorerSpec], paths: dict[str, str], s
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=sc.start_timeout))
     try:
         reports = wait_ready(store, specs, procs, logs, sc.start_timeout)
-        group = dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, store), local_rank, local_world + len(specs),
-                                      timedelta(seconds=sc.timeout))
+        group = loopback_group(store, local_rank, local_world + len(specs), timedelta(seconds=sc.timeout))
     except BaseException:
         for proc in procs:
             proc.kill()
