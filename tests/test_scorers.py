@@ -87,3 +87,41 @@ def test_packed_reference_logprobs_agree_with_per_request(demo_assets):
         assert [a.shape for a in alone] == [(4, 3), (4, 6)] == [q.shape for q in packed]
         for a, q in zip(alone, packed):
             torch.testing.assert_close(q, a, atol=1e-5, rtol=1e-5)
+
+
+def test_a_silent_scorer_is_named_after_the_timeout(tmp_path):
+    """A scorer that takes a request and never answers: the wait ends after scorer.timeout with one line naming it
+    (the process path, a killed scorer, runs in tests/test_distributed.py)."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    import pytest
+    import torch.distributed as dist
+
+    from detoxrl.train.config import ScorerConfig
+    from detoxrl.train.scorers import ScorerError, ScorerPool, loopback_group
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    groups = {}
+
+    def join(rank: int) -> None:
+        groups[rank] = loopback_group(store, rank, 2, timedelta(seconds=1 if rank == 0 else 60))
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    silent = groups[1]
+    received = torch.zeros(8, dtype=torch.int64)
+    silent.recv([received], 0, 11)  # takes the header, answers nothing
+    pool = ScorerPool(groups[0], 0, 1, [ScorerSpec(0, "cpu", [0])], ScorerConfig(timeout=1.0), [{}],
+                      [tmp_path / "scorer-0.log"], [], store)
+    t0 = time.perf_counter()
+    with pytest.raises(ScorerError, match=r"^scorer 0 \(reward term 0 on cpu\) of machine rank 0 did not answer "
+                                          r"within scorer.timeout=1 s \(hung or overloaded\); its log: .*scorer-0.log$"):
+        pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2)).result()
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ScorerError, match="did not answer"):  # later requests fail at once, with the same line
+        pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2))
