@@ -106,6 +106,12 @@ def header(op: int, term: int = 0, payload: Optional[torch.Tensor] = None, *args
     return h
 
 
+def raising(err: BaseException):
+    def finish():
+        raise err
+    return finish
+
+
 class ScorerPool:
     """This training rank's end of its machine's scorer group (`procs` and the store host on local rank 0 only)."""
 
@@ -120,16 +126,17 @@ class ScorerPool:
                 reply_shape: tuple[int, ...]) -> Deferred:
         """Send one request to `scorer` and post the receive of its float32 answer; the Deferred waits for it
         (at most scorer.timeout seconds) and names the scorer if it died or hung."""
+        # a failure is always raised by the Deferred, never here: the loop meets it where the ranks agree on it
         if self.broken:
-            raise ScorerError(self.broken)
+            return Deferred(raising(ScorerError(self.broken)))
         dst = self.local_world + scorer
         out = torch.empty(reply_shape, dtype=torch.float32)
         try:
             works = [self.group.send([header(op, term, payload, *args)], dst, TAG_REQUEST),
                      self.group.send([payload.contiguous()], dst, TAG_REQUEST),
                      self.group.recv([out], dst, TAG_REPLY)]
-        except RuntimeError as err:
-            raise self.failure(scorer, err) from err
+        except RuntimeError as err:  # the connection was already gone when posting
+            return Deferred(raising(self.failure(scorer, err)))
 
         def finish() -> torch.Tensor:
             t0 = time.perf_counter()
