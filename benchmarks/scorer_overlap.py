@@ -2,10 +2,11 @@
 
 With `reward.placement: scorer` the reward classifier runs in a scorer process while the training rank computes its
 reference log-probs, old log-probs and values (`--reference-scorer`: the reference copy on a scorer of its own too);
-with `local` the rank does all of it in turn. The configuration makes reward scoring a large share of the step: a RoBERTa classifier (hidden 512,
-6 layers) bigger than the policy (a T5 of d_model 256, 4 layers), both random weights, built locally. The two
-placements alternate (local, scorer, local, scorer, ...) so that a changing machine load hits both alike; each run
-is a separate `detoxrl-train` process on the CPU (one training rank; scorers are extra processes).
+with `local` the rank does all of it in turn. The configuration makes reward scoring a large share of the step: a
+RoBERTa classifier (hidden 512, 6 layers) bigger than the policy (a T5 of d_model 256, 4 layers), both random
+weights, built locally. The two placements alternate (local, scorer, local, scorer, ...) so that a changing machine
+load hits both alike; each run is a separate `detoxrl-train` process on the CPU (one training rank; scorers are
+extra processes).
 
     python -m benchmarks.scorer_overlap                      # 2 rounds x 2 placements, 6 steps each (2 warm-up)
     python -m benchmarks.scorer_overlap --rounds 3 --steps 8 --no-append --reference-scorer
@@ -55,7 +56,8 @@ def overrides(paths: dict[str, Path], steps: int, batch: int, threads: int, out:
             f"ppo.mini_batch_size={batch}", "ppo.ppo_epochs=1", "generation.max_new_tokens=24",
             "generation.min_new_tokens=24", "reference.mode=copy", "reference.device=cpu",
             "reward.terms.0.batch_size=64", "evaluation.before_after=false", "logging.progress_bar=false",
-            "logging.sample_every=0", "logging.tensorboard=false", "alarms.enabled=false", "judges=[]", f"run.output_dir={out}"]
+            "logging.sample_every=0", "logging.tensorboard=false", "alarms.enabled=false", "judges=[]",
+            f"run.output_dir={out}"]
 
 
 def run_one(placement: str, args, paths: dict[str, Path], out: Path) -> dict[str, Any]:
@@ -109,7 +111,8 @@ def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: di
         f"the timed steps:\n",
         "| placement | step | " + " | ".join(PHASES) + " | load |", "|---" * (len(PHASES) + 3) + "|", *rows, "",
         f"Mean step: local {s['local_step_s']:.3f} s, scorer {s['scorer_step_s']:.3f} s: "
-        f"{'saved' if s['saving_s'] >= 0 else 'LOST'} {abs(s['saving_s']):.3f} s ({100 * s['saving_share']:+.1f}%). The overlappable share of the local step (the reward "
+        f"{'saved' if s['saving_s'] >= 0 else 'LOST'} {abs(s['saving_s']):.3f} s ({100 * s['saving_share']:+.1f}%). "
+        f"The overlappable share of the local step (the reward "
         f"{ph['local']['reward']:.3f} s, hidden behind the rank's old log-probs {ph['local']['old_logprobs']:.3f} s + "
         f"reference {ph['local']['reference']:.3f} s as far as they last) is {s['expected_saving_s']:.3f} s; with "
         f"scorers the rank waited "

@@ -19,7 +19,8 @@ def test_one_scorer_per_device_and_one_per_model_on_the_cpu():
     assert plan_scorers(["cpu"], "cpu") == [ScorerSpec(0, "cpu", [0]), ScorerSpec(1, "cpu", [], True)]
     # None: that model stays local (reward local, reference on a scorer)
     assert plan_scorers([None, None], "cuda:1") == [ScorerSpec(0, "cuda:1", [], True)]
-    assert ScorerSpec(0, "cuda:6", [0, 2], True).describe() == "scorer 0 (reward term 0, reward term 2, reference on cuda:6)"
+    assert ScorerSpec(0, "cuda:6", [0, 2], True).describe() == \
+        "scorer 0 (reward term 0, reward term 2, reference on cuda:6)"
 
 
 def test_token_budget_batches_fill_up_to_the_budget():
@@ -119,8 +120,9 @@ def test_a_silent_scorer_is_named_after_the_timeout(tmp_path):
     pool = ScorerPool(groups[0], 0, 1, [ScorerSpec(0, "cpu", [0])], ScorerConfig(timeout=1.0), [{}],
                       [tmp_path / "scorer-0.log"], [], store)
     t0 = time.perf_counter()
-    with pytest.raises(ScorerError, match=r"^scorer 0 \(reward term 0 on cpu\) of machine rank 0 did not answer "
-                                          r"within scorer.timeout=1 s \(hung or overloaded\); its log: .*scorer-0.log$"):
+    named = (r"^scorer 0 \(reward term 0 on cpu\) of machine rank 0 did not answer within scorer.timeout=1 s "
+             r"\(hung or overloaded\); its log: .*scorer-0.log$")
+    with pytest.raises(ScorerError, match=named):
         pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2)).result()
     assert time.perf_counter() - t0 < 10
     later = pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2))  # never raises itself: the

@@ -160,8 +160,8 @@ def build_trainer(cfg: Config) -> tuple[Trainer, Progress]:
     # the scheduler is NOT prepared: it steps once per optimizer step we take, identically in every strategy
     policy, optimizer = accelerator.prepare(policy, optimizer)
     trainer = Trainer(cfg, accelerator, Path(cfg.run.output_dir), inputs, policy, accelerator.unwrap_model(policy),
-                      reference, reward, judges, tox_term, optimizer, scheduler, dtype, (total_params, trainable_params),
-                      scorers)
+                      reference, reward, judges, tox_term, optimizer, scheduler, dtype,
+                      (total_params, trainable_params), scorers)
     return trainer, new_progress(cfg, sampler)
 
 
@@ -185,7 +185,8 @@ def build_models(cfg: Config, accelerator, inputs: RunInputs, dtype: torch.dtype
                 reference = build_reference_copy(cfg.policy, cfg.reference, inputs.policy_path, inputs.kind,
                                                  reference_device, dtype)
             if cfg.reward.placement == "scorer":
-                reward = RewardModel([remote_term(cfg, i, scorers, term_dtypes[i]) for i in range(len(cfg.reward.terms))])
+                reward = RewardModel([remote_term(cfg, i, scorers, term_dtypes[i])
+                                      for i in range(len(cfg.reward.terms))])
                 judge_device = device  # judges stay on the rank's own device
             else:
                 reward = build_reward(cfg.reward.terms, assets.resolve, reward_devices, term_dtypes)
@@ -272,8 +273,8 @@ def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device],
 
 def reward_dtypes(cfg: Config, devices: list[torch.device], policy_dtype: torch.dtype) -> list[torch.dtype]:
     """Each reward term's dtype (`auto`: the policy's on a GPU, float32 on the CPU)."""
-    return [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (policy_dtype if dev.type == "cuda" else torch.float32)
-            for t, dev in zip(cfg.reward.terms, devices)]
+    return [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else
+            (policy_dtype if dev.type == "cuda" else torch.float32) for t, dev in zip(cfg.reward.terms, devices)]
 
 
 def param_groups(policy, cfg: Config) -> list[dict[str, Any]]:

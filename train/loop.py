@@ -42,7 +42,7 @@ from detoxrl.train.distributed import any_rank, describe, gathered_trainable, ge
 from detoxrl.train.experience import (Experience, advantages_and_returns, draw_max_new_tokens, forward_in_chunks,
                                       sample_responses, shaped_scores)
 from detoxrl.train.heldout import compare_before_after, heldout_evaluation
-from detoxrl.train.judges import judge_step
+from detoxrl.train.judges import judge_step, submit_reward_toxicity
 from detoxrl.train.metrics import global_kl, step_metrics
 from detoxrl.train.reward import Deferred
 from detoxrl.train.scorers import ScorerError, machine_rank, submit_reference_logprobs
@@ -138,13 +138,14 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
         #    its old log-probs and values (placement: scorer); or computed here and now (local)
         with timer("time/reward"):  # reward: response text re-tokenized by each classifier, length-sorted batches
             reward_job = t.reward.submit(texts, responses)
+            tox_job = submit_reward_toxicity(t.judges, t.tox_term, cfg.evaluation.toxic_label, responses)
         with timer("time/reference"):
             ref_job = submit_reference_logprobs(t.unwrapped, t.reference, rollout, temp, policy, k)
         with timer("time/old_logprobs"):
             old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
                                                      want_values=cfg.ppo.estimator == "gae", group=k)
-        (raw_scores, term_scores), ref_logp = wait_for_scorers(t, progress, logger, step_start, timer,
-                                                               reward_job, ref_job)
+        (raw_scores, term_scores), reward_tox, ref_logp = wait_for_scorers(t, progress, logger, step_start, timer,
+                                                                           reward_job, tox_job, ref_job)
         scores = shaped_scores(cfg, raw_scores, rollout.ended, progress.moments, reduce_fn, t.device)
 
         # 5. advantages: per-token rewards (-beta*KL unless the KL is a loss term, + the score on the last
@@ -168,7 +169,7 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
 
         # 7. bookkeeping: KL controller, metrics reduced over ranks, samples, alarms, checkpoint
         with timer("time/judges"):
-            judged, reward_tox = judge_step(t.judges, t.tox_term, cfg.evaluation.toxic_label, responses)
+            judged, reward_tox = judge_step(t.judges, reward_tox, responses)
         kl_coef_used = progress.kl_ctl.value
         progress.kl_ctl.update(global_kl(accelerator, exp), cfg.ppo.batch_size * t.world)
         progress.samples_seen += cfg.ppo.batch_size * t.world
@@ -186,13 +187,15 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
 
 
 def wait_for_scorers(t: Trainer, progress: Progress, logger: RunLogger, step_start, timer: PhaseTimer,
-                     reward_job: Deferred, ref_job: Deferred):
-    """The step's reward and reference log-probs, timed as `time/wait_reward` / `time/wait_reference` (the time this
-    rank waited on each scorer; ~0 for local placement). With scorers, the ranks then agree (one all-reduce) on
-    whether a scorer failed on any machine: if one did, every rank puts back the random streams and data position of
-    the step's start, writes a checkpoint of the last finished step (unless one exists), and raises ScorerError."""
+                     reward_job: Deferred, tox_job: Deferred, ref_job: Deferred):
+    """The step's reward, the reward classifier's P(toxic) for the judges, and the reference log-probs, timed as
+    `time/wait_reward` / `time/wait_reference` (the time this rank waited on each scorer; ~0 for local
+    placement). With scorers, the ranks then agree (one all-reduce) on whether a scorer failed on any machine: if
+    one did, every rank puts back the random streams and data position of the step's start, writes a checkpoint
+    of the last finished step (unless one exists), and raises ScorerError."""
     failure, results = None, []
-    for name, job in (("time/wait_reward", reward_job), ("time/wait_reference", ref_job)):
+    jobs = (("time/wait_reward", reward_job), ("time/wait_reward", tox_job), ("time/wait_reference", ref_job))
+    for name, job in jobs:
         with timer(name):
             try:
                 results.append(job.result() if failure is None else None)

@@ -54,7 +54,8 @@ def load_models(spec: dict, cfg, paths: dict):
     terms, held = {}, []
     for i in spec["terms"]:
         term_cfg = cfg.reward.terms[i]
-        terms[i] = RewardTerm(term_cfg, assets.resolve(term_cfg.model, "reward"), device, dtype(paths["dtypes"][str(i)]))
+        terms[i] = RewardTerm(term_cfg, assets.resolve(term_cfg.model, "reward"), device,
+                              dtype(paths["dtypes"][str(i)]))
         held.append({"model": f"reward term {i}: {term_cfg.model}", "dtype": str(terms[i].dtype),
                      "bytes": model_bytes(terms[i].model)})
     reference = None
