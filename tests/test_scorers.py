@@ -90,10 +90,22 @@ def test_packed_reference_logprobs_agree_with_per_request(demo_assets):
             torch.testing.assert_close(q, a, atol=1e-5, rtol=1e-5)
 
 
+SILENT_SCORER = """
+import sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+from detoxrl.train.scorers import loopback_group
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False)
+group = loopback_group(store, 1, 2, timedelta(seconds=120))
+group.recv([torch.zeros(8, dtype=torch.int64)], 0, 11).wait()  # takes the header, answers nothing
+time.sleep(120)
+"""
+
+
 def test_a_silent_scorer_is_named_after_the_timeout(tmp_path):
     """A scorer that takes a request and never answers: the wait ends after scorer.timeout with one line naming it
-    (the process path, a killed scorer, runs in tests/test_distributed.py)."""
-    import threading
+    (a killed scorer runs in tests/test_distributed.py)."""
+    import subprocess
+    import sys
     import time
     from datetime import timedelta
 
@@ -104,29 +116,22 @@ def test_a_silent_scorer_is_named_after_the_timeout(tmp_path):
     from detoxrl.train.scorers import ScorerError, ScorerPool, loopback_group
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    groups = {}
-
-    def join(rank: int) -> None:
-        groups[rank] = loopback_group(store, rank, 2, timedelta(seconds=1 if rank == 0 else 60))
-
-    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    silent = groups[1]
-    received = torch.zeros(8, dtype=torch.int64)
-    silent.recv([received], 0, 11)  # takes the header, answers nothing
-    pool = ScorerPool(groups[0], 0, 1, [ScorerSpec(0, "cpu", [0])], ScorerConfig(timeout=1.0), [{}],
-                      [tmp_path / "scorer-0.log"], [], store)
-    t0 = time.perf_counter()
-    named = (r"^scorer 0 \(reward term 0 on cpu\) of machine rank 0 did not answer within scorer.timeout=1 s "
-             r"\(hung or overloaded\); its log: .*scorer-0.log$")
-    with pytest.raises(ScorerError, match=named):
-        pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2)).result()
-    assert time.perf_counter() - t0 < 10
-    later = pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2))  # never raises itself: the
-    t0 = time.perf_counter()                                                          # loop meets it on waiting
-    with pytest.raises(ScorerError, match="did not answer"):  # ... at once, with the same line
-        later.result()
-    assert time.perf_counter() - t0 < 1
+    silent = subprocess.Popen([sys.executable, "-c", SILENT_SCORER, str(store.port)])
+    try:
+        group = loopback_group(store, 0, 2, timedelta(seconds=120))  # the pool waits scorer.timeout itself
+        pool = ScorerPool(group, 0, 1, [ScorerSpec(0, "cpu", [0])], ScorerConfig(timeout=1.0), [{}],
+                          [tmp_path / "scorer-0.log"], [], store)
+        named = (r"^scorer 0 \(reward term 0 on cpu\) of machine rank 0 did not answer within scorer.timeout=1 s "
+                 r"\(hung or overloaded\); its log: .*scorer-0.log$")
+        t0 = time.perf_counter()
+        with pytest.raises(ScorerError, match=named):
+            pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2)).result()
+        assert time.perf_counter() - t0 < 10
+        later = pool.request(0, 1, 0, encode_texts({"responses": ["x"]}), [0], (1, 2))  # never raises itself: the
+        t0 = time.perf_counter()                                                          # loop meets it on waiting
+        with pytest.raises(ScorerError, match="did not answer"):  # ... at once, with the same line
+            later.result()
+        assert time.perf_counter() - t0 < 1
+    finally:
+        silent.kill()
+        silent.wait()
