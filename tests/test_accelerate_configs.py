@@ -4,7 +4,8 @@ Each file under configs/accelerate states its commands in its header (`#   GPU: 
 README shows some of them. The CPU command of EVERY file is run with plain `accelerate launch` and must record the
 expected world size and ZeRO stage in run_info.json: ddp, zero2, zero3 and zero3_offload by tests/test_distributed.py
 (2 processes, with its lock-step, equivalence and resume checks), single_gpu and multi_node here (the multi-node file
-as two machines on this host, rendezvousing over loopback). The GPU commands are parsed with accelerate's own
+as two machines on this host, rendezvousing over loopback, each machine with its own scorer processes; `slow`: that
+run and the same under DDP equal one machine of the same world size, bitwise). The GPU commands are parsed with accelerate's own
 command-line parser (they cannot run here) and must differ from the CPU ones only in precision and process count; a
 GPU command typed on a CPU-only machine is refused in one line. The README's commands must be ones a header
 documents, so documentation and tests cannot drift apart.
@@ -184,6 +185,17 @@ def test_documented_multi_node_command_trains_as_two_machines(two_machines):
         f"machine-{m}-scorer-{k}.log" for m in (0, 1) for k in (0, 1)]
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise the same final adapter and every metric but timings."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    timeless = [[{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/"))}
+                 for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert timeless[0] == timeless[1]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_machines_with_scorers_equal_one_machine_of_the_same_world_size(two_machines, tmp_path):
@@ -191,13 +203,31 @@ def test_two_machines_with_scorers_equal_one_machine_of_the_same_world_size(two_
     finish([run_documented("zero2", tmp_path / "run", free_port(), extra=SCORERS)])  # its CPU command: 2 processes
     one = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert one["num_machines"] == 1 and one["world_size"] == 2 and len(one["scorers"]) == 2
-    from safetensors.torch import load_file
+    assert_same_run(two_machines, tmp_path / "run")
 
-    a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (two_machines, tmp_path / "run"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    timeless = [[{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/"))}
-                 for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (two_machines, tmp_path / "run")]
-    assert timeless[0] == timeless[1]
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_on_two_machines_with_scorers_equals_one_machine(demo_assets, tmp_path):
+    """DDP (gloo), two machines of 1 process on this host, each with its own scorers == one machine of 2."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    common = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = ["-m", "detoxrl.train", "--config", str(REPO / DEMO_RECIPE), *RUN_OVERRIDES, *SCORERS]
+    env, port = child_env(ACCELERATE_USE_CPU="1"), str(free_port())
+
+    def start(argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    finish([start([accelerate, "launch", *common, "--num_machines", "2", "--machine_rank", rank,
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", port, *run,
+                   f"run.output_dir={tmp_path / 'two'}"]) for rank in ("0", "1")])
+    finish([start([accelerate, "launch", *common, "--num_machines", "1", "--main_process_port", str(free_port()),
+                   *run, f"run.output_dir={tmp_path / 'one'}"])])
+    two = json.loads((tmp_path / "two" / "run_info.json").read_text())
+    assert (two["distributed_type"], two["num_machines"]) == ("MULTI_CPU", 2)
+    assert [(s["machine"], s["scorer"]) for s in two["scorers"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert_same_run(tmp_path / "two", tmp_path / "one")
 
 
 @pytest.mark.distributed
