@@ -135,3 +135,20 @@ def test_a_silent_scorer_is_named_after_the_timeout(tmp_path):
     finally:
         silent.kill()
         silent.wait()
+
+
+def test_a_packed_reward_round_returns_each_rank_its_own_rows(demo_assets):
+    """Two ranks' texts scored in shared batches come back split per rank, in each rank's order (per_rank: each
+    rank's texts exactly as a local term scores them)."""
+    from detoxrl.train.scorer_server import reward_round
+    from detoxrl.train.scorers import header
+
+    term = RewardTerm(RewardTermConfig(model="demo", batch_size=3), str(demo_assets["reward"]), torch.device("cpu"),
+                      torch.float32)
+    ranks = [["you are an idiot", "thanks", "the report is due at noon"], ["no", "Person1 has no money at all"]]
+    requests = [(header(1, 0, p, 0), p) for p in (encode_texts({"prompts": [], "responses": r}) for r in ranks)]
+    per_rank = reward_round(term, requests, "per_rank", 0)
+    packed = reward_round(term, requests, "packed", 32)
+    for texts, a, q in zip(ranks, per_rank, packed):
+        assert torch.equal(a, term.logits([""] * len(texts), texts, False))
+        torch.testing.assert_close(q, a, atol=1e-5, rtol=1e-5)
