@@ -81,16 +81,19 @@ def run_one(placement: str, args, paths: dict[str, Path], out: Path) -> dict[str
             "reward_mean": statistics.mean(m["env/reward_mean"] for m in metrics)}
 
 
-def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(records: list[dict[str, Any]], reference_scorer: bool = False) -> dict[str, Any]:
+    """Mean step times, the saving, and the saving the overlap allows: the local step runs reward, reference and old
+    log-probs in turn; with scorers the rank's own passes run while the scorers work, so the step takes the longest
+    of them instead of their sum (reward || reference + old log-probs; with a reference scorer reward || reference
+    || old log-probs)."""
     by = {p: [r for r in records if r["placement"] == p] for p in PLACEMENTS}
     mean = {p: statistics.mean(r["step_seconds"] for r in rs) for p, rs in by.items()}
     ph = {p: {k: statistics.mean(r["phases"][k] for r in rs) for k in PHASES} for p, rs in by.items()}
-    # the reward overlaps the rank's old log-probs and (local reference) its reference pass; a reference scorer
-    # overlaps too, so the rank's own work is then the old log-probs only
-    overlappable = ph["local"]["old_logprobs"] + ph["local"]["reference"]
+    reward, ref, old = (ph["local"][k] for k in ("reward", "reference", "old_logprobs"))
+    parallel = max(reward, ref, old) if reference_scorer else max(reward, ref + old)
     return {"local_step_s": mean["local"], "scorer_step_s": mean["scorer"],
             "saving_s": mean["local"] - mean["scorer"], "saving_share": 1 - mean["scorer"] / mean["local"],
-            "expected_saving_s": min(overlappable, ph["local"]["reward"]), "phases": ph}
+            "expected_saving_s": reward + ref + old - parallel, "phases": ph}
 
 
 def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: dict[str, Any]) -> str:
@@ -112,10 +115,10 @@ def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: di
         "| placement | step | " + " | ".join(PHASES) + " | load |", "|---" * (len(PHASES) + 3) + "|", *rows, "",
         f"Mean step: local {s['local_step_s']:.3f} s, scorer {s['scorer_step_s']:.3f} s: "
         f"{'saved' if s['saving_s'] >= 0 else 'LOST'} {abs(s['saving_s']):.3f} s ({100 * s['saving_share']:+.1f}%). "
-        f"The overlappable share of the local step (the reward "
-        f"{ph['local']['reward']:.3f} s, hidden behind the rank's old log-probs {ph['local']['old_logprobs']:.3f} s + "
-        f"reference {ph['local']['reference']:.3f} s as far as they last) is {s['expected_saving_s']:.3f} s; with "
-        f"scorers the rank waited "
+        f"The overlappable share of the local step (reward {ph['local']['reward']:.3f} s, reference "
+        f"{ph['local']['reference']:.3f} s and old log-probs {ph['local']['old_logprobs']:.3f} s in turn, against the "
+        f"longest of them{' each' if args.reference_scorer else ', reference + old log-probs on the rank'} in "
+        f"parallel) is {s['expected_saving_s']:.3f} s; with scorers the rank waited "
         f"{ph['scorer']['wait_reward']:.3f} s on the reward scorer and {ph['scorer']['wait_reference']:.3f} s on the "
         f"reference scorer per step.", ""])
 
@@ -151,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 shutil.rmtree(out)
             records.append(run_one(placement, args, paths, out))
             print(json.dumps(records[-1]), flush=True)
-    s = summary(records)
+    s = summary(records, args.reference_scorer)
     print(json.dumps(s), flush=True)
     if not args.no_append:
         with open(RESULTS, "a") as f:

@@ -211,7 +211,8 @@ def test_scorer_overlap_summary_and_markdown():
                record("scorer", 2.4, old_logprobs=0.5, reference=0.3, wait_reward=0.2)]
     s = summary(records)
     assert s["saving_s"] == pytest.approx(0.6) and s["saving_share"] == pytest.approx(0.2)
-    assert s["expected_saving_s"] == pytest.approx(0.8)  # the reward hides behind reference + old log-probs
+    assert s["expected_saving_s"] == pytest.approx(0.8)  # reward || reference + old log-probs: 1.8 -> 1.0
+    assert summary(records, reference_scorer=True)["expected_saving_s"] == pytest.approx(0.8)  # 1.8 -> max 1.0
     args = SimpleNamespace(rounds=1, steps=6, warmup=2, batch_size=32, threads=1, reference_scorer=False, launch=None,
                            policy_size="mini", reward_size="medium")
     text = markdown(records, s, args, {"cpu": "test cpu", "cores": 2})
