@@ -83,6 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = make_plan(args.strategy, n_gpus, [t.device for t in cfg.reward.terms], cfg.reference.mode,
                          cfg.reference.device, args.num_processes, nodes, cfg.policy.quantization,
                          [f"{t.model} ({t.label})" for t in cfg.reward.terms])
+        plan.reward_placement, plan.reference_placement = cfg.reward.placement, cfg.reference.placement
         command = build_command(plan, str(args.config) if args.config else None, args.overrides,
                                 mixed_precision=args.mixed_precision, machine_rank=machine_rank,
                                 main_address=args.main_address or env["main_address"], main_port=main_port,

@@ -39,6 +39,8 @@ class DevicePlan:
     reference_device: Optional[list[str]]  # device of the reference copy for each local rank; None = shared
     reward_names: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    reward_placement: str = "local"     # reward.placement: local (a copy per rank) | scorer (one scorer per device)
+    reference_placement: str = "local"  # reference.placement, likewise
 
     @property
     def world_size(self) -> int:
@@ -55,12 +57,17 @@ class DevicePlan:
         def per_rank(devs: list[str]) -> str:
             return devs[0] if len(set(devs)) == 1 else ", ".join(f"rank {i}: {d}" for i, d in enumerate(devs))
 
+        def copies(placement: str) -> str:
+            return ("   (one scorer process per device and machine holds one copy for every rank)"
+                    if placement == "scorer" else "   (one copy per rank)")
+
         for name, devs in zip(self.reward_names, self.reward_devices):
-            lines.append(f"  reward {name}   on {per_rank(devs)}")
+            lines.append(f"  reward {name}   on {per_rank(devs)}{copies(self.reward_placement)}")
         if self.reference_device is None:
             lines.append("  reference   shared with the policy (trainable adapter switched off), on each rank's device")
         else:
-            lines.append(f"  reference (frozen copy)   on {per_rank(self.reference_device)}")
+            lines.append(f"  reference (frozen copy)   on {per_rank(self.reference_device)}"
+                         f"{copies(self.reference_placement)}")
         for w in self.warnings:
             lines.append(f"  note: {w}")
         return "\n".join(lines)

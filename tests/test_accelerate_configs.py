@@ -4,7 +4,8 @@ Each file under configs/accelerate states its commands in its header (`#   GPU: 
 README shows some of them. The CPU command of EVERY file is run with plain `accelerate launch` and must record the
 expected world size and ZeRO stage in run_info.json: ddp, zero2, zero3 and zero3_offload by tests/test_distributed.py
 (2 processes, with its lock-step, equivalence and resume checks), single_gpu and multi_node here (the multi-node file
-as two machines on this host, rendezvousing over loopback). The GPU commands are parsed with accelerate's own
+as two machines on this host, rendezvousing over loopback, each machine with its own scorer processes; `slow`: that
+run and the same under DDP equal one machine of the same world size, bitwise). The GPU commands are parsed with accelerate's own
 command-line parser (they cannot run here) and must differ from the CPU ones only in precision and process count; a
 GPU command typed on a CPU-only machine is refused in one line. The README's commands must be ones a header
 documents, so documentation and tests cannot drift apart.
@@ -108,10 +109,11 @@ def test_readme_commands_are_the_documented_ones():
 
 
 # ---- the CPU commands, run (ddp and the ZeRO files: tests/test_distributed.py) ----------------------------------
-def run_documented(strategy: str, out: Path, port: int, replace: dict[str, str] | None = None) -> subprocess.Popen:
+def run_documented(strategy: str, out: Path, port: int, replace: dict[str, str] | None = None,
+                   extra: tuple[str, ...] = ()) -> subprocess.Popen:
     argv, env = cpu_launch(strategy, str(Path(sys.executable).parent / "accelerate"), REPO / DEMO_RECIPE, port,
                            replace=replace)
-    return subprocess.Popen([*argv, *RUN_OVERRIDES, f"run.output_dir={out}"], env=child_env(**env), cwd=REPO,
+    return subprocess.Popen([*argv, *RUN_OVERRIDES, *extra, f"run.output_dir={out}"], env=child_env(**env), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -157,14 +159,75 @@ def test_documented_single_gpu_command_trains(demo_assets, tmp_path):
     check_run(tmp_path / "run", ACCELERATE_DIR / "single_gpu.yaml")
 
 
+# each machine runs its own reward scorer and reference scorer; per_rank batching keeps the scores bitwise those of
+# local scoring, so the run must equal one machine of the same world size
+SCORERS = ("reward.placement=scorer", "reference.mode=copy", "reference.device=cpu", "reference.placement=scorer",
+           "scorer.batching=per_rank")
+
+
+@pytest.fixture(scope="module")
+def two_machines(demo_assets, tmp_path_factory) -> Path:
+    """Two launches on this host, machine ranks 0 and 1 of 1 process each, rendezvousing over loopback (ZeRO-2),
+    each machine with its own scorers."""
+    out, port = tmp_path_factory.mktemp("two_machines") / "run", str(free_port())
+    finish([run_documented("multi_node", out, 0, {"$NODE_RANK": rank, "$MASTER_ADDR": "127.0.0.1", "29500": port},
+                           extra=SCORERS) for rank in ("0", "1")])
+    return out
+
+
 @pytest.mark.distributed
-def test_documented_multi_node_command_trains_as_two_machines(demo_assets, tmp_path):
-    """Two launches on this host, machine ranks 0 and 1 of 1 process each, rendezvousing over loopback."""
-    port = str(free_port())
-    finish([run_documented("multi_node", tmp_path / "run", 0, {"$NODE_RANK": rank, "$MASTER_ADDR": "127.0.0.1",
-                                                                "29500": port}) for rank in ("0", "1")])
-    info = check_run(tmp_path / "run", ACCELERATE_DIR / "multi_node.yaml")
+def test_documented_multi_node_command_trains_as_two_machines(two_machines):
+    info = check_run(two_machines, ACCELERATE_DIR / "multi_node.yaml")
     assert info["num_machines"] == 2 and info["local_world_size"] == 1
+    assert [(s["machine"], s["scorer"], len(s["models"])) for s in info["scorers"]] == [(0, 0, 1), (0, 1, 1),
+                                                                                      (1, 0, 1), (1, 1, 1)]
+    assert sorted(p.name for p in (two_machines / "scorers").iterdir()) == [
+        f"machine-{m}-scorer-{k}.log" for m in (0, 1) for k in (0, 1)]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise the same final adapter and every metric but timings."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    timeless = [[{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/"))}
+                 for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert timeless[0] == timeless[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_machines_with_scorers_equal_one_machine_of_the_same_world_size(two_machines, tmp_path):
+    """The same run as one machine of 2 processes (ZeRO-2, one set of scorers serving both ranks): bitwise equal."""
+    finish([run_documented("zero2", tmp_path / "run", free_port(), extra=SCORERS)])  # its CPU command: 2 processes
+    one = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert one["num_machines"] == 1 and one["world_size"] == 2 and len(one["scorers"]) == 2
+    assert_same_run(two_machines, tmp_path / "run")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_on_two_machines_with_scorers_equals_one_machine(demo_assets, tmp_path):
+    """DDP (gloo), two machines of 1 process on this host, each with its own scorers == one machine of 2."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    common = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = ["-m", "detoxrl.train", "--config", str(REPO / DEMO_RECIPE), *RUN_OVERRIDES, *SCORERS]
+    env, port = child_env(ACCELERATE_USE_CPU="1"), str(free_port())
+
+    def start(argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    finish([start([accelerate, "launch", *common, "--num_machines", "2", "--machine_rank", rank,
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", port, *run,
+                   f"run.output_dir={tmp_path / 'two'}"]) for rank in ("0", "1")])
+    finish([start([accelerate, "launch", *common, "--num_machines", "1", "--main_process_port", str(free_port()),
+                   *run, f"run.output_dir={tmp_path / 'one'}"])])
+    two = json.loads((tmp_path / "two" / "run_info.json").read_text())
+    assert (two["distributed_type"], two["num_machines"]) == ("MULTI_CPU", 2)
+    assert [(s["machine"], s["scorer"]) for s in two["scorers"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert_same_run(tmp_path / "two", tmp_path / "one")
 
 
 @pytest.mark.distributed

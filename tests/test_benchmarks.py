@@ -239,3 +239,25 @@ def test_fast_paths_smoke(bench_cache):
 
 def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
+def test_scorer_overlap_summary_and_markdown():
+    """The scorer benchmark's arithmetic (the harness itself runs for minutes: benchmarks/RESULTS.md)."""
+    from types import SimpleNamespace
+
+    from benchmarks.scorer_overlap import PHASES, markdown, summary
+
+    def record(placement, step, **phases):
+        return {"placement": placement, "step_seconds": step, "phases": {p: phases.get(p, 0.0) for p in PHASES},
+                "load_average_at_start": [1.0, 1.0, 1.0]}
+
+    records = [record("local", 3.0, reward=1.0, reference=0.3, old_logprobs=0.5),
+               record("scorer", 2.4, old_logprobs=0.5, reference=0.3, wait_reward=0.2)]
+    s = summary(records)
+    assert s["saving_s"] == pytest.approx(0.6) and s["saving_share"] == pytest.approx(0.2)
+    assert s["expected_saving_s"] == pytest.approx(0.8)  # reward || reference + old log-probs: 1.8 -> 1.0
+    assert summary(records, reference_scorer=True)["expected_saving_s"] == pytest.approx(0.8)  # 1.8 -> max 1.0
+    args = SimpleNamespace(rounds=1, steps=6, warmup=2, batch_size=32, threads=1, reference_scorer=False, launch=None,
+                           policy_size="mini", reward_size="medium")
+    text = markdown(records, s, args, {"cpu": "test cpu", "cores": 2})
+    assert "saved 0.600 s (+20.0%)" in text and "SHARED" in text

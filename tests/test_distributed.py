@@ -5,8 +5,10 @@ several steps and that losses are finite; the strategies must end with the same 
 a checkpoint while generating on the sharded model (`synced_gpus`), with responses ending at different lengths per
 rank (without `synced_gpus` that deadlocks; the timeout turns a hang into a failure). An equivalence test runs one
 PPO update on a fixed rollout as 1 process x 8 rows and 2 processes x 4 rows. One launch per strategy (DDP, ZeRO-2)
-trains every advantage estimator and critic mode on both policy kinds and resumes each bitwise. GPU-only paths are
-marked `gpu`.
+trains every advantage estimator and critic mode on both policy kinds and resumes each bitwise; in the same launch
+the reward and reference copy move to scorer processes (2 training ranks + a reward scorer + a reference scorer),
+bitwise equal to local scoring, and (DDP) a killed scorer stops both ranks with its name after a checkpoint from
+which the run resumes exactly. GPU-only paths are marked `gpu`.
 
 This file is also the worker the equivalence and estimator tests launch: `python tests/test_distributed.py
 equivalence|combos ...`.
@@ -357,7 +359,8 @@ def test_one_update_is_the_same_on_1x8_and_2x4(test_models, single_process_updat
 # KL as a loss, a critic warm-up that the resume crosses). Dr. GRPO (grpo without std scaling) differs from grpo only
 # in group-local maths, tested in test_ppo_math.py and test_train.py.
 COMBOS = [
-    ("gae-shared", ["critic.mode=shared", "critic.value_clip=relative", "reward.normalize=true", "reward.normalize_shift_mean=false"]),
+    ("gae-shared", ["critic.mode=shared", "critic.value_clip=relative", "reward.normalize=true",
+                    "reward.normalize_shift_mean=false", "reference.mode=copy", "reference.device=cpu"]),
     ("gae-detached", ["critic.mode=detached", "critic.lam=1.0", "ppo.loss_aggregation=seq_mean_token_mean"]),
     ("gae-adapter", ["critic.mode=adapter", "critic.lr=0.003", "critic.warmup_steps=1", "critic.value_clip=none"]),
     ("rloo", ["ppo.estimator=rloo", "ppo.k=2"]),
@@ -406,6 +409,8 @@ def combos_worker(argv: list[str]) -> None:
             os.environ["DETOXRL_DEBUG_DIR"] = str(root / "debug")
             straight = train(load_config(DEMO_RECIPE, [*base, f"run.output_dir={root / 'straight'}"]))
             w_straight = trainable(straight)
+            if (kind, name) == ("seq2seq", "gae-shared"):
+                scorer_twin = straight  # scorers_in_launch repeats it with its reward and reference on scorers
             state = accelerate.PartialState()  # (after train() has set it up, with gloo on CPUs)
             if state.is_main_process:
                 shutil.copytree(root / "straight" / "checkpoints" / "step-000001",
@@ -447,6 +452,69 @@ def combos_worker(argv: list[str]) -> None:
                 with open(out / "combos.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             state.wait_for_everyone()
+    scorers_in_launch(out, paths, trainable, scorer_twin)
+
+
+# reward and reference copy on scorer processes (2 ranks + 1 reward scorer + 1 reference scorer) vs the same run with
+# both local: `per_rank` batching scores each rank's texts as `local` does, so everything must be bitwise equal
+SCORERS = ["reward.placement=scorer", "reference.placement=scorer", "scorer.batching=per_rank", "scorer.timeout=60"]
+
+
+def scorers_in_launch(out: Path, paths: dict[str, str], trainable, local_run) -> None:
+    """In the combos launch: the seq2seq gae-shared combination again with its reward and reference copy on scorers
+    (2 steps), to equal `local_run` (that combination's straight run). DDP also kills the reference scorer in step 2
+    (every rank stops with the named error after writing the step-1 checkpoint, which checkpoint.every_steps=0 would
+    not have written) and resumes with fresh scorers to step 2. Rank 0 writes <out>/scorers.json."""
+    import accelerate
+    from accelerate.utils import gather_object
+
+    from detoxrl.train.config import load_config
+    from detoxrl.train.loop import train
+    from detoxrl.train.scorers import ScorerError
+
+    base = [*kind_overrides("seq2seq", paths), *COMBO_RUN, *dict(COMBOS)["gae-shared"], *SCORERS]
+    root = out / "scorers"
+    state = accelerate.PartialState()
+    os.environ["DETOXRL_DEBUG_DIR"] = str(root / "debug")
+    run = train(load_config(DEMO_RECIPE, [*base, f"run.output_dir={root / 'scorer'}"]))
+    weights, local_weights = trainable(run), trainable(local_run)
+    killed = state.distributed_type.value == "MULTI_CPU"
+    errors, resumed = [], None
+    if killed:
+        os.environ["DETOXRL_TEST_SCORER_FAULT"] = "1:die@2"  # scorer 1 (the reference) dies at its 2nd request
+        try:
+            train(load_config(DEMO_RECIPE, [*base, "checkpoint.every_steps=0", f"run.output_dir={root / 'killed'}"]))
+            error = None
+        except ScorerError as err:
+            error = str(err)
+        del os.environ["DETOXRL_TEST_SCORER_FAULT"]
+        errors = gather_object([error])
+        resumed = train(load_config(DEMO_RECIPE, [*base, "checkpoint.every_steps=0",
+                                                  f"run.output_dir={root / 'killed'}"]))
+    if state.is_main_process:
+        def timeless(m):
+            return {k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))}
+
+        def equal(a, b):
+            return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+        def same_metrics(a, b):
+            return [timeless(m) for m in a] == [timeless(m) for m in b]
+
+        record = {
+            "killed": killed, "weights_equal": equal(local_weights, weights),
+            "metrics_equal": same_metrics(local_run.metrics, run.metrics), "metric_keys": sorted(run.metrics[-1]),
+            "policy_moved": max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k),
+            "run_info": json.loads((root / "scorer" / "run_info.json").read_text()), "errors": errors}
+        if killed:
+            record.update({
+                "killed_checkpoints": sorted(p.name for p in (root / "killed" / "checkpoints").iterdir()),
+                "resumed_steps": [m["step"] for m in resumed.metrics],
+                "resume_weights_equal": equal(trainable(resumed), weights),
+                "resume_metrics_equal": same_metrics(resumed.metrics, run.metrics[1:]),
+                "scorer_logs": sorted(p.name for p in (root / "killed" / "scorers").iterdir())})
+        (out / "scorers.json").write_text(json.dumps(record))
+    state.wait_for_everyone()
 
 
 @pytest.fixture(scope="module")
@@ -497,6 +565,28 @@ def test_every_estimator_and_critic_trains_both_kinds_on_two_ranks_and_resumes_b
         assert r["value_loss_finite"] is not critic_free, where  # no value loss without a critic
         assert r["critic_keys"] == ([] if critic_free else ["critic_adapter", "v_head"] if r["name"] == "gae-adapter"
                                     else ["v_head"]), where
+    check_scorers(json.loads((tmp_path / "scorers.json").read_text()))
+
+
+def check_scorers(r: dict) -> None:
+    """Scorer placement == local placement bitwise (weights, metrics), one copy of each model per scorer; (DDP) a
+    killed scorer stops both ranks with its name after a checkpoint; the resume (fresh scorers) continues exactly."""
+    assert r["weights_equal"] is True and r["metrics_equal"] is True and r["policy_moved"] > 0
+    assert {"time/wait_reward", "time/wait_reference"} <= set(r["metric_keys"])
+    scorers = r["run_info"]["scorers"]
+    assert [(s["machine"], s["scorer"], s["device"], len(s["models"])) for s in scorers] == [(0, 0, "cpu", 1),
+                                                                                             (0, 1, "cpu", 1)]
+    assert scorers[0]["models"][0]["model"].startswith("reward term 0") and scorers[0]["models"][0]["bytes"] > 0
+    assert scorers[1]["models"][0]["model"].startswith("reference") and scorers[1]["process_rss_bytes"] > 0
+    assert r["run_info"]["devices"]["reference"] == "cpu (scorer 1)"
+    if not r["killed"]:
+        return
+    assert len(r["errors"]) == 2 and all(e and e.startswith("scorer 1 (reference on cpu) of machine rank 0 ") and
+                                         "step-000001" in e for e in r["errors"]), r["errors"]
+    assert "died (exit status 9)" in r["errors"][0]  # rank 0 started it, so it knows the exit status
+    assert r["killed_checkpoints"] == ["step-000001"]  # written by the failure path (checkpoint.every_steps=0)
+    assert r["resumed_steps"] == [2] and r["resume_weights_equal"] is True and r["resume_metrics_equal"] is True
+    assert r["scorer_logs"] == ["machine-0-scorer-0.log", "machine-0-scorer-1.log"]
 
 
 # ---- the launch traps of docs/ARCHITECTURE.md are refused, not silently run as one process -----------------------

@@ -31,6 +31,8 @@ from detoxrl.train.ppo_math import AdaptiveKLController, FixedKLController, Runn
 from detoxrl.train.preflight import RunInputs, preflight
 from detoxrl.train.reward import RewardModel, build_reward
 from detoxrl.train.rollout import sampling_mismatches
+from detoxrl.train.scorers import (RemoteReference, RemoteRewardTerm, ScorerPool, local_layout, plan_scorers,
+                                   start_scorers)
 from detoxrl.train.tracking import package_versions, setup_logging
 
 log = logging.getLogger("detoxrl.train")
@@ -45,14 +47,16 @@ class Trainer:
     inputs: RunInputs              # what the preflight read: tokenizer, training and held-out prompts
     policy: Any                    # PolicyWithValue as accelerate prepared it (DDP wrapper, DeepSpeed engine)
     unwrapped: Any                 # ... and unwrapped
-    reference: Any                 # FrozenReference, or None when it shares the policy's base (adapter off)
-    reward: RewardModel
+    reference: Any                 # FrozenReference, RemoteReference (on a scorer), or None when it shares the
+                                   # policy's base (adapter off)
+    reward: RewardModel            # its terms: RewardTerm here, or RemoteRewardTerm on a scorer
     judges: list[Judge]
     tox_term: Any                  # the reward term whose classifier measures toxicity, or None
     optimizer: Any
     scheduler: Any
     dtype: torch.dtype
     parameters: tuple[int, int]    # (total, trainable) of the policy
+    scorers: Optional[ScorerPool] = None  # this rank's end of its machine's scorers (placement: scorer)
 
     @property
     def is_main(self) -> bool:
@@ -145,7 +149,7 @@ def build_trainer(cfg: Config) -> tuple[Trainer, Progress]:
         raise ValueError("policy.quantization (bitsandbytes) cannot be combined with DeepSpeed ZeRO-3, which shards "
                          "the weights: use the ddp or zero2 strategy")
     dtype = resolve_dtype(cfg.policy.dtype, accelerator.device, accelerator.mixed_precision)
-    policy, reference, reward, judges, tox_term = build_models(cfg, accelerator, inputs, dtype)
+    policy, reference, reward, judges, tox_term, scorers = build_models(cfg, accelerator, inputs, dtype)
     total_params, trainable_params = count_parameters(policy)
     log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, inputs.kind, dtype,
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
@@ -156,27 +160,82 @@ def build_trainer(cfg: Config) -> tuple[Trainer, Progress]:
     # the scheduler is NOT prepared: it steps once per optimizer step we take, identically in every strategy
     policy, optimizer = accelerator.prepare(policy, optimizer)
     trainer = Trainer(cfg, accelerator, Path(cfg.run.output_dir), inputs, policy, accelerator.unwrap_model(policy),
-                      reference, reward, judges, tox_term, optimizer, scheduler, dtype, (total_params, trainable_params))
+                      reference, reward, judges, tox_term, optimizer, scheduler, dtype,
+                      (total_params, trainable_params), scorers)
     return trainer, new_progress(cfg, sampler)
 
 
 def build_models(cfg: Config, accelerator, inputs: RunInputs, dtype: torch.dtype):
-    """(policy, reference or None, reward, judges, the reward's toxicity term), each on its device."""
+    """(policy, reference or None, reward, judges, the reward's toxicity term, scorers or None), each on its device;
+    with a `scorer` placement the scorers are started first (they load while this rank loads the policy)."""
     device = accelerator.device
     shared_ref = cfg.reference.mode == "shared"
     reward_devices, reference_device = place_models(cfg, device)
-    with models_built_whole(accelerator):
-        policy = build_policy(cfg.policy, inputs.policy_path, inputs.kind, device, dtype, shared_ref, cfg.run.seed,
-                              cfg.critic)
-        reference = None if shared_ref else build_reference_copy(
-            cfg.policy, cfg.reference, inputs.policy_path, inputs.kind, reference_device, dtype)
-        reward = build_rewards_on(cfg, reward_devices, dtype)
-        # judges sit with the reward classifier that measures toxicity; float32 unless that device is a GPU
-        judge_device = reward_devices[cfg.evaluation.term]
-        judges = build_judges(cfg.judges, assets.resolve, judge_device,
-                              dtype if judge_device.type == "cuda" else torch.float32)
-        tox_term = reward_toxicity_term(reward, cfg)
-    return policy, reference, reward, judges, tox_term
+    term_dtypes = reward_dtypes(cfg, reward_devices, dtype)
+    scorers = start_machine_scorers(cfg, accelerator, inputs, reward_devices, reference_device, term_dtypes, dtype)
+    try:
+        with models_built_whole(accelerator):
+            policy = build_policy(cfg.policy, inputs.policy_path, inputs.kind, device, dtype, shared_ref,
+                                  cfg.run.seed, cfg.critic)
+            if shared_ref:
+                reference = None
+            elif cfg.reference.placement == "scorer":
+                reference = RemoteReference(scorers, next(s.index for s in scorers.specs if s.reference), str(dtype))
+            else:
+                reference = build_reference_copy(cfg.policy, cfg.reference, inputs.policy_path, inputs.kind,
+                                                 reference_device, dtype)
+            if cfg.reward.placement == "scorer":
+                reward = RewardModel([remote_term(cfg, i, scorers, term_dtypes[i])
+                                      for i in range(len(cfg.reward.terms))])
+                judge_device = device  # judges stay on the rank's own device
+            else:
+                reward = build_reward(cfg.reward.terms, assets.resolve, reward_devices, term_dtypes)
+                judge_device = reward_devices[cfg.evaluation.term]  # judges sit with the toxicity classifier
+            judges = build_judges(cfg.judges, assets.resolve, judge_device,
+                                  dtype if judge_device.type == "cuda" else torch.float32)
+            tox_term = reward_toxicity_term(reward, cfg)
+    except BaseException:
+        if scorers is not None:
+            scorers.close(grace=2.0)
+        raise
+    return policy, reference, reward, judges, tox_term, scorers
+
+
+def start_machine_scorers(cfg: Config, accelerator, inputs: RunInputs, reward_devices: list[torch.device],
+                          reference_device: Optional[torch.device], term_dtypes: list[torch.dtype],
+                          dtype: torch.dtype) -> Optional[ScorerPool]:
+    """The machine's scorers (train/scorers.py) for the models whose placement is `scorer`, or None."""
+    remote_reward = cfg.reward.placement == "scorer"
+    remote_ref = cfg.reference.mode == "copy" and cfg.reference.placement == "scorer"
+    if not (remote_reward or remote_ref):
+        return None
+    name = lambda d: "cpu" if d.type == "cpu" else str(d)  # noqa: E731  (a CPU rank's device reads cpu:0)
+    specs = plan_scorers([name(d) for d in reward_devices] if remote_reward else [None] * len(reward_devices),
+                         name(reference_device) if remote_ref else None)
+    paths = {"policy": inputs.policy_path, "kind": inputs.kind,
+             "dtypes": {**{str(i): str(d) for i, d in enumerate(term_dtypes)}, "reference": str(dtype)}}
+    rank = accelerator.process_index
+
+    def share_port(port: Optional[int]) -> int:
+        if accelerator.num_processes == 1:
+            return port
+        from accelerate.utils import gather_object
+
+        local_rank = local_layout()[0]
+        ports = dict(gather_object([(rank, port)]))
+        return ports[rank - local_rank]  # ranks of a machine are consecutive (torchrun)
+
+    return start_scorers(cfg, specs, paths, share_port, Path(cfg.run.output_dir))
+
+
+def remote_term(cfg: Config, index: int, scorers: ScorerPool, dtype: torch.dtype) -> RemoteRewardTerm:
+    from transformers import AutoConfig
+
+    term = cfg.reward.terms[index]
+    scorer = next(s.index for s in scorers.specs if index in s.terms)
+    model_config = AutoConfig.from_pretrained(assets.resolve(term.model, "reward"),
+                                              trust_remote_code=term.trust_remote_code)
+    return RemoteRewardTerm(term, index, scorers, scorer, model_config, str(dtype))
 
 
 def build_optimizer(cfg: Config, policy):
@@ -212,11 +271,10 @@ def place_models(cfg: Config, device: torch.device) -> tuple[list[torch.device],
     return devices[:len(cfg.reward.terms)], (devices[-1] if copy_ref else None)
 
 
-def build_rewards_on(cfg: Config, devices: list[torch.device], policy_dtype: torch.dtype) -> RewardModel:
-    """Every reward term on its own device, in its dtype (`auto`: the policy's on a GPU, float32 on the CPU)."""
-    dtypes = [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else (policy_dtype if dev.type == "cuda" else torch.float32)
-              for t, dev in zip(cfg.reward.terms, devices)]
-    return build_reward(cfg.reward.terms, assets.resolve, devices, dtypes)
+def reward_dtypes(cfg: Config, devices: list[torch.device], policy_dtype: torch.dtype) -> list[torch.dtype]:
+    """Each reward term's dtype (`auto`: the policy's on a GPU, float32 on the CPU)."""
+    return [resolve_dtype(t.dtype, dev) if t.dtype != "auto" else
+            (policy_dtype if dev.type == "cuda" else torch.float32) for t, dev in zip(cfg.reward.terms, devices)]
 
 
 def param_groups(policy, cfg: Config) -> list[dict[str, Any]]:

@@ -55,7 +55,8 @@ COMPLETE = "COMPLETE"
 HARMLESS_PREFIXES = ("run.total_steps", "run.output_dir", "run.max_nonfinite_steps", "logging.", "checkpoint.",
                      "evaluation.", "reward.terms.*.device", "reward.terms.*.batch_size", "reference.device",
                      "generation.rollout_batch_size", "run.device", "generation.zero3_gather_weights",
-                     "generation.engine", "generation.compile", "generation.static_pad_multiple")
+                     "generation.engine", "generation.compile", "generation.static_pad_multiple",
+                     "reward.placement", "reference.placement", "scorer.")
 
 
 @dataclass

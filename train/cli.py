@@ -19,6 +19,8 @@ DEMO_RECIPE = Path(__file__).resolve().parent / "demo_recipe.yaml"
 EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_STOPPED, EXIT_ABORTED = 2, 3, 75, 130
 # 76: an alarm with alarms.action=stop ended the run after a checkpoint (look before resuming: docs/alarms.md).
 EXIT_ALARM = 76
+# 4: a scorer process (reward.placement / reference.placement: scorer) died, hung or could not start.
+EXIT_SCORER = 4
 
 EPILOG = f"""\
 overrides: section.key=value (YAML values), e.g. ppo.kl.target=3 'reward.terms.0.label=nothate'
@@ -34,7 +36,8 @@ stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 make every process finish the curr
 
 exit status: 0 finished; {EXIT_CONFIG_ERROR} config, launch or input error (a key, launch flag, data file,
   line, column or model that is wrong: one line says which and how to fix it; --debug adds the traceback);
-  {EXIT_NONFINITE} too many non-finite losses; {EXIT_STOPPED} stopped by a signal after writing a checkpoint;
+  {EXIT_NONFINITE} too many non-finite losses; {EXIT_SCORER} a scorer died, hung or did not start (after a
+  checkpoint of the last finished step); {EXIT_STOPPED} stopped by a signal after writing a checkpoint;
   {EXIT_ALARM} stopped by a reward-hacking alarm (alarms.action=stop) after writing a checkpoint;
   {EXIT_ABORTED} aborted by a second Ctrl-C."""
 
@@ -60,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(to_yaml(cfg))
         return 0
     from detoxrl.train.loop import NonFiniteLossError, train
+    from detoxrl.train.scorers import ScorerError
 
     try:
         result = train(cfg)
     except (ConfigError, InputError) as err:  # a launch problem, or a data file, line, column or model that is wrong
         return report("detoxrl-train", err, args.debug)
+    except ScorerError as err:  # one line naming the scorer and its log (and the checkpoint written)
+        print(f"detoxrl-train: scorer error: {err}", file=sys.stderr)
+        return EXIT_SCORER
     except NonFiniteLossError as err:
         print(f"detoxrl-train: {err}", file=sys.stderr)
         return EXIT_NONFINITE

@@ -98,6 +98,10 @@ class ReferenceConfig:
     device: str = "auto"
     """For `copy`: `auto` (a GPU no training rank uses, if any: the first after the training ranks; else the
     rank's own device), `cpu`, or `cuda:N`. Runs under inference mode in the policy's dtype."""
+    placement: Literal["local", "scorer"] = "local"
+    """For `copy`: `local` (every training rank holds its own copy on `device`) or `scorer` (one scorer process per
+    machine holds ONE copy on `device` and computes the log-probs of every local rank's responses while the ranks
+    compute their old log-probs and values; see `scorer` and docs/ARCHITECTURE.md, "Scorers")."""
 
 
 @dataclass
@@ -141,6 +145,34 @@ class RewardConfig:
     scale, not by a drifting offset."""
     clip: Optional[float] = None
     """Clip the (normalised) score to [-clip, clip]."""
+    placement: Literal["local", "scorer"] = "local"
+    """`local`: every training rank holds its own copy of each classifier on the term's `device` and scores its own
+    responses. `scorer`: one scorer process per device per machine holds ONE copy of the terms placed there and
+    scores the responses of every training rank of the machine in shared batches, while the ranks compute their
+    old log-probs and values (see `scorer`). Judges stay on the training ranks' own devices."""
+
+
+@dataclass
+class ScorerConfig:
+    """Scorer processes (`reward.placement: scorer`, `reference.placement: scorer`): started by each machine's first
+    training rank, one per device (the CPU counts as one device per model), stopped with the run."""
+    timeout: float = 300.0
+    """Seconds a training rank waits for a scorer's answer; a scorer that dies or stays silent longer stops every
+    rank with an error naming it, after a checkpoint of the last finished step. Keep it below the training process
+    group's timeout (30 min by default), which the other machines' ranks wait under meanwhile."""
+    start_timeout: float = 600.0
+    """Seconds to wait for the scorers to load their models and connect."""
+    batching: Literal["packed", "per_rank"] = "packed"
+    """Reward scoring on a scorer: `packed` sorts the texts of all local ranks by length and scores them in shared
+    batches of up to `max_batch_tokens` padded tokens (one forward serves several ranks); `per_rank` scores each
+    rank's texts exactly as `local` placement does (`reward.terms.N.batch_size`), so the scores are bitwise those of
+    `local` (kernels give batch-size-dependent roundings: `packed` agrees to ~1e-6). The reference copy likewise:
+    `packed` re-pads the ranks' requests to one shape and runs them together, `per_rank` one forward per rank."""
+    max_batch_tokens: int = 16384
+    """`packed`: padded tokens per forward pass (reward: texts x longest text; reference: rows x (prompt + response
+    length))."""
+    cpu_threads: Optional[int] = None
+    """Torch CPU threads of each scorer process (null = `run.cpu_threads`, else torch's default)."""
 
 
 @dataclass
@@ -452,6 +484,8 @@ class Config:
     """The frozen starting policy for the KL penalty."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Frozen classifiers that score responses."""
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    """Scorer processes for reward models and the reference on dedicated devices."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompts."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -637,6 +671,12 @@ def validate(cfg: Config) -> None:
         _check(t.batch_size >= 1, f"reward.terms.{i}.batch_size", "must be >= 1")
         _check(t.max_length is None or t.max_length >= 8, f"reward.terms.{i}.max_length", "must be >= 8 or null")
     _check(rw.clip is None or rw.clip > 0, "reward.clip", "must be > 0 or null")
+    _check(cfg.reference.placement == "local" or cfg.reference.mode == "copy", "reference.placement",
+           "scorer needs reference.mode=copy (the shared reference is the policy itself, on the training rank)")
+    sc = cfg.scorer
+    _check(sc.timeout > 0 and sc.start_timeout > 0, "scorer.timeout", "timeout and start_timeout must be > 0")
+    _check(sc.max_batch_tokens >= 1, "scorer.max_batch_tokens", "must be >= 1")
+    _check(sc.cpu_threads is None or sc.cpu_threads >= 1, "scorer.cpu_threads", "must be >= 1 or null")
     for key, name in [(f"reward.terms.{i}.device", t.device) for i, t in enumerate(rw.terms)] + [
             ("reference.device", cfg.reference.device)]:
         _check(bool(DEVICE_RE.match(name)), key, f"{name!r} is not a device; use auto, cpu or cuda:N")

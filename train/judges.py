@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from detoxrl.train.config import Config, JudgeConfig, RewardTermConfig
-from detoxrl.train.reward import RewardModel, RewardTerm
+from detoxrl.train.reward import Deferred, RewardModel, RewardTerm, label_probability_from_logits
 
 log = logging.getLogger("detoxrl.judges")
 
@@ -50,14 +50,24 @@ def build_judges(cfgs: Sequence[JudgeConfig], resolve_path: Callable[[str, str],
 def reward_toxicity_term(reward: RewardModel, cfg: Config) -> Optional[RewardTerm]:
     """The reward term whose classifier measures toxicity (evaluation.term), if it has evaluation.toxic_label."""
     term = reward.terms[cfg.evaluation.term]
-    return term if cfg.evaluation.toxic_label in term.model.config.id2label.values() else None
+    return term if cfg.evaluation.toxic_label in term.config.id2label.values() else None
 
 
-def judge_step(judges: list[Judge], tox_term: Optional[RewardTerm], toxic_label: str,
+def submit_reward_toxicity(judges: list[Judge], tox_term, toxic_label: str, responses: list[str]) -> Deferred:
+    """The reward classifier's own P(toxic) of the responses alone, which the judges are compared with (a Deferred:
+    a scorer's term answers while the rank works on, with the step's other scorer requests); None without judges,
+    or when the reward classifier has no toxic label."""
+    if not judges or tox_term is None:
+        return Deferred.done(None)
+    pending = tox_term.submit_logits([""] * len(responses), responses, False)
+    return Deferred(lambda: label_probability_from_logits(tox_term, pending.result(), toxic_label))
+
+
+def judge_step(judges: list[Judge], reward_tox: Optional[torch.Tensor],
                responses: list[str]) -> tuple[dict[str, list[float]], Optional[list[float]]]:
-    """Every judge's P(toxic) of this step's responses, and the reward classifier's own P(toxic) (None without
-    judges, or when the reward classifier has no toxic label)."""
+    """Every judge's P(toxic) of this step's responses, and the reward classifier's own (`reward_tox`, from
+    `submit_reward_toxicity`) as a list (None without judges, or when the reward classifier has no toxic label)."""
     if not judges:
         return {}, None
     judged = {j.name: j.toxicity(responses).tolist() for j in judges}
-    return judged, tox_term.label_probability(responses, toxic_label).tolist() if tox_term is not None else None
+    return judged, reward_tox.tolist() if reward_tox is not None else None

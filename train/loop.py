@@ -9,6 +9,7 @@ train/update.py; step 7's figures are train/metrics.py.
         2. rollout      batched sampling from the policy (LoRA on), decoded to text
         3. reward       re-tokenize for each classifier, score in length-sorted batches
         4. reference    log-probs under the frozen reference; old log-probs and values under the policy
+                        (3 and 4 are submitted first: scorer processes compute them meanwhile, train/scorers.py)
         5. advantages   per-token -beta*KL + score on the last token; GAE with the critic or a critic-free
                         estimator over the k responses per prompt; normalised over the global batch
         6. PPO epochs   clipped policy + value losses (+ KL loss) over shuffled mini-batches with gradient
@@ -39,10 +40,12 @@ from detoxrl.train.build import Progress, Trainer, build_trainer
 from detoxrl.train.config import Config, config_hash
 from detoxrl.train.distributed import any_rank, describe, gathered_trainable, generation_weights, sum_reducer
 from detoxrl.train.experience import (Experience, advantages_and_returns, draw_max_new_tokens, forward_in_chunks,
-                                      reference_in_chunks, sample_responses, shaped_scores)
+                                      sample_responses, shaped_scores)
 from detoxrl.train.heldout import compare_before_after, heldout_evaluation
-from detoxrl.train.judges import judge_step
+from detoxrl.train.judges import judge_step, submit_reward_toxicity
 from detoxrl.train.metrics import global_kl, step_metrics
+from detoxrl.train.reward import Deferred
+from detoxrl.train.scorers import ScorerError, machine_rank, submit_reference_logprobs
 from detoxrl.train.signals import StopRequest
 from detoxrl.train.tracking import PhaseTimer, RunLogger, package_versions, sample_rows, write_json
 from detoxrl.train.update import UpdateResult, loss_terms, ppo_update
@@ -75,6 +78,15 @@ def train(cfg: Config) -> RunResult:
 
 def _train(cfg: Config, stop: StopRequest) -> RunResult:
     t, progress = build_trainer(cfg)                         # setup
+    try:
+        return _train_built(t, progress, stop)
+    finally:
+        if t.scorers is not None:  # stopped with the run, however it ends (a resume starts them afresh)
+            t.scorers.close()
+
+
+def _train_built(t: Trainer, progress: Progress, stop: StopRequest) -> RunResult:
+    cfg = t.cfg
     resume_from = resume(t, progress)
     start_step = progress.step
     write_run_info(t, resume_from)
@@ -108,6 +120,7 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
     for step in range(progress.step, cfg.run.total_steps):
         timer = PhaseTimer(t.device)
         t_step = time.perf_counter()
+        step_start = (ckpt.rng_state(), progress.sampler.state_dict()) if t.scorers else None
 
         # 1. prompts: this rank's shard of the global batch (batch_size / k prompts)
         idx = progress.sampler.next_indices()
@@ -121,19 +134,21 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
                                                   t.device, synced, k=k)
         mask = rollout.response_mask.float()
 
-        # 3. reward: response text re-tokenized by each classifier; scored in length-sorted batches
-        with timer("time/reward"):
-            raw_scores, term_scores = t.reward.score(texts, responses)
-            scores = shaped_scores(cfg, raw_scores, rollout.ended, progress.moments, reduce_fn, t.device)
-
-        # 4. reference log-probs (frozen starting policy), then old log-probs and values of the policy
+        # 3. reward and 4. reference log-probs: sent to the scorers, which compute them while this rank computes
+        #    its old log-probs and values (placement: scorer); or computed here and now (local)
+        with timer("time/reward"):  # reward: response text re-tokenized by each classifier, length-sorted batches
+            reward_job = t.reward.submit(texts, responses)
+            tox_job = submit_reward_toxicity(t.judges, t.tox_term, cfg.evaluation.toxic_label, responses)
         with timer("time/reference"):
-            ref_logp = reference_in_chunks(t.unwrapped, t.reference, rollout, cfg.generation.rollout_batch_size * k,
-                                           temp, forward=policy, group=k, bucket=cfg.ppo.bucket_by_length)
+            ref_job = submit_reference_logprobs(t.unwrapped, t.reference, rollout, temp, policy, k,
+                                                cfg.generation.rollout_batch_size * k, cfg.ppo.bucket_by_length)
         with timer("time/old_logprobs"):
             old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
                                                      want_values=cfg.ppo.estimator == "gae", group=k,
                                                      bucket=cfg.ppo.bucket_by_length)
+        (raw_scores, term_scores), reward_tox, ref_logp = wait_for_scorers(t, progress, logger, step_start, timer,
+                                                                           reward_job, tox_job, ref_job)
+        scores = shaped_scores(cfg, raw_scores, rollout.ended, progress.moments, reduce_fn, t.device)
 
         # 5. advantages: per-token rewards (-beta*KL unless the KL is a loss term, + the score on the last
         #    token); GAE with the critic, or a critic-free estimator; normalised over the global batch
@@ -156,7 +171,7 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
 
         # 7. bookkeeping: KL controller, metrics reduced over ranks, samples, alarms, checkpoint
         with timer("time/judges"):
-            judged, reward_tox = judge_step(t.judges, t.tox_term, cfg.evaluation.toxic_label, responses)
+            judged, reward_tox = judge_step(t.judges, reward_tox, responses)
         kl_coef_used = progress.kl_ctl.value
         progress.kl_ctl.update(global_kl(accelerator, exp), cfg.ppo.batch_size * t.world)
         progress.samples_seen += cfg.ppo.batch_size * t.world
@@ -171,6 +186,38 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
         if stopped_by is not None:
             return stopped_by
     return None
+
+
+def wait_for_scorers(t: Trainer, progress: Progress, logger: RunLogger, step_start, timer: PhaseTimer,
+                     reward_job: Deferred, tox_job: Deferred, ref_job: Deferred):
+    """The step's reward, the reward classifier's P(toxic) for the judges, and the reference log-probs, timed as
+    `time/wait_reward` / `time/wait_reference` (the time this rank waited on each scorer; ~0 for local
+    placement). With scorers, the ranks then agree (one all-reduce) on whether a scorer failed on any machine: if
+    one did, every rank puts back the random streams and data position of the step's start, writes a checkpoint
+    of the last finished step (unless one exists), and raises ScorerError."""
+    failure, results = None, []
+    jobs = (("time/wait_reward", reward_job), ("time/wait_reward", tox_job), ("time/wait_reference", ref_job))
+    for name, job in jobs:
+        with timer(name):
+            try:
+                results.append(job.result() if failure is None else None)
+            except ScorerError as err:
+                failure = str(err)
+    if t.scorers is None or not any_rank(t.accelerator, failure is not None):
+        return results
+    from accelerate.utils import gather_object
+
+    named = [f for f in (gather_object([failure]) if t.world > 1 else [failure]) if f]
+    ckpt.set_rng_state(step_start[0])
+    progress.sampler.load_state_dict(step_start[1])
+    done, path = progress.step, None
+    if done > 0:
+        path = ckpt.step_dir(t.out / "checkpoints", done)
+        if ckpt.is_valid(path) is not None:
+            path = save(t, progress, logger, done)
+    where = f"checkpoint {path} (step {done}); run the same command again to resume" if path else \
+        "no step finished, so no checkpoint"
+    raise ScorerError(f"{named[0]}; every rank stopped, {where}")
 
 
 def checkpoint_or_stop(t: Trainer, progress: Progress, logger: RunLogger, stop: StopRequest,
@@ -268,20 +315,24 @@ def save(t: Trainer, progress: Progress, logger: RunLogger, step_done: int) -> P
 
 
 def write_run_info(t: Trainer, resume_from: Optional[Path]) -> None:
-    """run_info.json: strategy, devices of every rank, dtypes, parameter counts, packages."""
+    """run_info.json: strategy, devices of every rank, dtypes, parameter counts, the scorers of every machine (what
+    each holds and its memory: one copy per model), packages."""
     device, reference, reward = t.device, t.reference, t.reward
     devices = {"policy": str(device), "reference": str(reference.device) if reference else f"{device} (shared base)",
                "reward": {term.name: str(term.device) for term in reward.terms}}
+    scorers = [] if t.scorers is None or t.scorers.local_rank != 0 else [
+        {"machine": machine_rank(), **spec_info} for spec_info in t.scorers.info()]
     if t.world > 1:
         from accelerate.utils import gather_object
         devices_by_rank = gather_object([devices])
+        scorers = gather_object(scorers) if t.scorers is not None else []
     if t.is_main:
         write_json(t.out / "run_info.json", {
             **describe(t.accelerator), "policy_kind": t.inputs.kind, "policy_dtype": str(t.dtype),
-            "reward_dtypes": {term.name: str(term.model.dtype) for term in reward.terms},
-            "reference_dtype": str(next(reference.lm.parameters()).dtype) if reference else str(t.dtype),
+            "reward_dtypes": {term.name: str(term.dtype) for term in reward.terms},
+            "reference_dtype": str(reference.dtype) if reference else str(t.dtype),
             "quantization": t.cfg.policy.quantization, "devices": devices,
-            "devices_by_rank": devices_by_rank if t.world > 1 else [devices],
+            "devices_by_rank": devices_by_rank if t.world > 1 else [devices], "scorers": scorers,
             "parameters": {"total": t.parameters[0], "trainable": t.parameters[1]},
             "packages": package_versions(), "config_hash": config_hash(t.cfg),
             "resumed_from": str(resume_from) if resume_from else None})

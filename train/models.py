@@ -369,6 +369,10 @@ class FrozenReference(nn.Module):
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
 
 def build_reference_copy(policy_cfg: PolicyConfig, ref_cfg: ReferenceConfig, model_path: str, kind: str,
                          device: torch.device, dtype: torch.dtype) -> FrozenReference:

@@ -9,6 +9,7 @@ until it fits; the response is only ever truncated when it alone is longer than 
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -98,37 +99,95 @@ class RewardTerm:
             out.append(ids)
         return out
 
+    @property
+    def config(self):
+        """The classifier's model config (labels, problem type): what a remote term reads from the hub config."""
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     @torch.inference_mode()
-    def logits(self, prompts: list[str], responses: list[str], with_prompt: bool) -> torch.Tensor:
-        """Classifier logits (N, num_labels), float32 on CPU, in input order; batches sorted by length."""
+    def logits(self, prompts: list[str], responses: list[str], with_prompt: bool,
+               max_batch_tokens: Optional[int] = None) -> torch.Tensor:
+        """Classifier logits (N, num_labels), float32 on CPU, in input order; batches sorted by length, of
+        `cfg.batch_size` texts, or (with `max_batch_tokens`, the scorers' packing) of up to that many padded tokens."""
         encoded = self.encode(prompts, responses, with_prompt)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = torch.empty(len(encoded), self.model.config.num_labels, dtype=torch.float32)
         bs = self.cfg.batch_size
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
+        spans = token_budget_batches([len(encoded[i]) for i in order], max_batch_tokens) if max_batch_tokens \
+            else [(s, min(s + bs, len(order))) for s in range(0, len(order), bs)]
+        for start, end in spans:
+            idx = order[start:end]
             batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             logits = self.model(input_ids=batch["input_ids"].to(self.device),
                                 attention_mask=batch["attention_mask"].to(self.device)).logits
             out[torch.tensor(idx)] = logits.float().cpu()
         return out
 
+    def submit_logits(self, prompts: list[str], responses: list[str], with_prompt: bool) -> "Deferred":
+        """`logits`, computed now (a scorer's remote term returns its answer later through the same interface)."""
+        return Deferred.done(self.logits(prompts, responses, with_prompt))
+
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """This term's score (N,): the configured label's logit or probability."""
-        logits = self.logits(prompts, responses, self.cfg.score == "prompt_response")
-        if self.cfg.output == "probability":
-            return logits.softmax(-1)[:, self.label_index]
-        return logits[:, self.label_index]
+        return term_score(self, self.logits(prompts, responses, self.cfg.score == "prompt_response"))
 
     def label_probability(self, texts: list[str], label: str) -> torch.Tensor:
-        """P(label) of each text scored alone: evaluation's toxicity. Softmax over the labels, or the label's own
-        sigmoid for a multi-label model (`problem_type: multi_label_classification`, e.g. unitary/toxic-bert,
-        whose six labels are independent yes/no outputs)."""
-        index = resolve_label(self.model.config.id2label, label, self.name)
-        logits = self.logits([""] * len(texts), texts, with_prompt=False)
-        if getattr(self.model.config, "problem_type", None) == "multi_label_classification":
-            return logits[:, index].sigmoid()
-        return logits.softmax(-1)[:, index]
+        """P(label) of each text scored alone: evaluation's toxicity (see `label_probability_from_logits`)."""
+        return label_probability_from_logits(self, self.logits([""] * len(texts), texts, with_prompt=False), label)
+
+
+def term_score(term, logits: torch.Tensor) -> torch.Tensor:
+    """A term's score (N,) from its logits: the configured label's logit or probability (`term`: a RewardTerm or a
+    scorer's remote term: `.cfg`, `.label_index`)."""
+    if term.cfg.output == "probability":
+        return logits.softmax(-1)[:, term.label_index]
+    return logits[:, term.label_index]
+
+
+def label_probability_from_logits(term, logits: torch.Tensor, label: str) -> torch.Tensor:
+    """P(label) per text: softmax over the labels, or the label's own sigmoid for a multi-label model
+    (`problem_type: multi_label_classification`, e.g. unitary/toxic-bert, whose six labels are independent yes/no
+    outputs)."""
+    index = resolve_label(term.config.id2label, label, term.name)
+    if getattr(term.config, "problem_type", None) == "multi_label_classification":
+        return logits[:, index].sigmoid()
+    return logits.softmax(-1)[:, index]
+
+
+def token_budget_batches(sorted_lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) spans over texts sorted by length (ascending): each batch as many texts as fit in `max_tokens`
+    padded tokens (rows x the longest), at least one text."""
+    spans, start = [], 0
+    for i, n in enumerate(sorted_lengths):
+        if i > start and (i - start + 1) * n > max_tokens:
+            spans.append((start, i))
+            start = i
+    if sorted_lengths:
+        spans.append((start, len(sorted_lengths)))
+    return spans
+
+
+class Deferred:
+    """A result that may still be on its way (a scorer's answer); `result()` waits for it once and keeps it."""
+
+    def __init__(self, finish: Callable[[], Any]) -> None:
+        self._finish, self._done, self._value = finish, False, None
+
+    @classmethod
+    def done(cls, value: Any) -> "Deferred":
+        d = cls(lambda: value)
+        d.result()
+        return d
+
+    def result(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._finish(), True
+            self._finish = None
+        return self._value
 
 
 class RewardModel:
@@ -141,13 +200,22 @@ class RewardModel:
 
     def score(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(total (N,), [term_i scores (N,)]) on CPU float32. Non-finite scores are an error, never a silent 0."""
-        per_term = [t.score(prompts, responses) for t in self.terms]
-        total = torch.zeros(len(responses), dtype=torch.float32)
-        for t, s in zip(self.terms, per_term):
-            if not torch.isfinite(s).all():
-                raise FloatingPointError(f"reward term {t.name!r} produced non-finite scores")
-            total += t.cfg.weight * s
-        return total, per_term
+        return self.submit(prompts, responses).result()
+
+    def submit(self, prompts: list[str], responses: list[str]) -> Deferred:
+        """`score`, as a Deferred: local terms score now, a scorer's terms answer while the caller works on."""
+        pending = [t.submit_logits(prompts, responses, t.cfg.score == "prompt_response") for t in self.terms]
+
+        def finish() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            per_term = [term_score(t, p.result()) for t, p in zip(self.terms, pending)]
+            total = torch.zeros(len(responses), dtype=torch.float32)
+            for t, s in zip(self.terms, per_term):
+                if not torch.isfinite(s).all():
+                    raise FloatingPointError(f"reward term {t.name!r} produced non-finite scores")
+                total += t.cfg.weight * s
+            return total, per_term
+
+        return Deferred(finish)
 
 
 def build_reward(terms_cfg: list[RewardTermConfig], resolve_path, devices: list[torch.device],
