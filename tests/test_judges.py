@@ -12,7 +12,6 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from detoxrl.eval import metrics as M
-from detoxrl.eval.report import render_html
 from detoxrl.train.config import JudgeConfig, RewardTermConfig
 from detoxrl.train.judges import Judge
 from detoxrl.train.reward import RewardTerm
