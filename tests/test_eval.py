@@ -265,8 +265,14 @@ def test_eval_refuses_non_finite_reward_scores_as_training_does(demo_assets, mon
     in the report)."""
     cfg = RewardTermConfig(model="demo", label="nothate", output="logit", score="response")
     term = RewardTerm(cfg, str(demo_assets["reward"]), torch.device("cpu"), torch.float32)
-    real = term.score
-    monkeypatch.setattr(term, "score", lambda p, r: torch.where(torch.arange(len(r)) == 1, float("nan"), real(p, r)))
+    real = term.logits  # what RewardModel.score reads (through submit_logits)
+
+    def nan_on_row_1(prompts, responses, with_prompt):
+        logits = real(prompts, responses, with_prompt).clone()
+        logits[1] = float("nan")
+        return logits
+
+    monkeypatch.setattr(term, "logits", nan_on_row_1)
     with pytest.raises(FloatingPointError, match="non-finite"):
         score_responses([term], (term, "hate"), ["a", "b"], ["thanks for the lunch", "you idiot"])
 
@@ -411,7 +417,7 @@ def test_compare_of_the_demo_and_the_over_optimised_run_renders_in_chromium(ship
     for label in (demo["label"], hot["label"]):                               # both curves, every panel
         assert {"env/reward_mean", "judge/demo-judge/toxicity", "objective/kl", "objective/entropy",
                 "env/response_length_mean", "perf/samples_per_s"} <= set(doc["curves"][label])
-    assert len(doc["curves"][hot["label"]]["objective/kl"]["steps"]) == hot["steps"] < demo["steps"] == 40
+    assert len(doc["curves"][hot["label"]]["objective/kl"]["steps"]) == hot["steps"] < demo["steps"] == 60
     f = demo["final"]
     for phase in ("before", "after"):
         for m in (f[phase]["toxicity"], f[phase]["judges"]["demo-judge"], f[phase]["reward"]):
