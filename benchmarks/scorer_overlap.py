@@ -50,7 +50,8 @@ def build_assets(policy_size: str, reward_size: str, real_vocab: bool) -> dict[s
 
 
 def overrides(paths: dict[str, Path], steps: int, batch: int, threads: int, out: Path) -> list[str]:
-    return [f"policy.model={paths['policy']}", f"reward.terms.0.model={paths['reward']}",
+    # on the demo recipe's GAE path, one response per prompt (the demo itself runs RLOO with k = 4)
+    return ["ppo.estimator=gae", "ppo.k=1", f"policy.model={paths['policy']}", f"reward.terms.0.model={paths['reward']}",
             f"data.dataset={paths['data']}", "data.reference_field=null", "data.max_prompt_tokens=64",
             f"run.total_steps={steps}", f"run.cpu_threads={threads or 'null'}", f"ppo.batch_size={batch}",
             f"ppo.mini_batch_size={batch}", "ppo.ppo_epochs=1", "generation.max_new_tokens=24",
