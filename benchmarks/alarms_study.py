@@ -18,13 +18,14 @@ from pathlib import Path
 
 
 def rouge_l_per_step(run_dir: Path) -> dict[int, float]:
-    from rouge_score import rouge_scorer
+    """Mean ROUGE-L F of each step's logged responses against their references (eval.metrics.rouge_per_sample)."""
+    from detoxrl.eval.metrics import rouge_per_sample
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    rouge_l = rouge_per_sample([r["response"] for r in rows], [r["reference"] for r in rows])["rougeL"]
     per_step = defaultdict(list)
-    for line in (run_dir / "samples.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        per_step[row["step"]].append(scorer.score(row["reference"], row["response"])["rougeL"].fmeasure)
+    for row, value in zip(rows, rouge_l):
+        per_step[row["step"]].append(value)
     return {s: sum(v) / len(v) for s, v in sorted(per_step.items())}
 
 
