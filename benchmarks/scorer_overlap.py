@@ -3,12 +3,13 @@
 With `reward.placement: scorer` the reward classifier runs in a scorer process while the training rank computes its
 reference log-probs, old log-probs and values (`--reference-scorer`: the reference copy on a scorer of its own too);
 with `local` the rank does all of it in turn. The configuration makes reward scoring a large share of the step: a
-RoBERTa classifier (hidden 512, 6 layers) bigger than the policy (a T5 of d_model 256, 4 layers), both random
-weights, built locally. The two placements alternate (local, scorer, local, scorer, ...) so that a changing machine
+RoBERTa classifier of roberta-base's size (hidden 768, 12 layers: the headline's reward model) next to a smaller
+policy (a T5 of d_model 256, 4 layers), both random weights, built locally. On one 1-thread training rank the reward
+then takes about as long as the rank's reference + old log-prob passes, the most the overlap can hide. The two placements alternate (local, scorer, local, scorer, ...) so that a changing machine
 load hits both alike; each run is a separate `detoxrl-train` process on the CPU (one training rank; scorers are
 extra processes).
 
-    python -m benchmarks.scorer_overlap                      # 2 rounds x 2 placements, 6 steps each (2 warm-up)
+    python -m benchmarks.scorer_overlap                      # 2 rounds x 2 placements, 8 steps each (2 warm-up)
     python -m benchmarks.scorer_overlap --rounds 3 --steps 8 --no-append --reference-scorer
     # the real layout, one 8-GPU node: 6 training ranks, the reward scorer on GPU 6, the reference scorer on GPU 7
     python -m benchmarks.scorer_overlap --launch "--strategy zero2 --num-processes 6 --mixed-precision bf16" \
@@ -39,8 +40,8 @@ PLACEMENTS = {"local": [], "scorer": ["reward.placement=scorer"]}
 
 
 def build_assets(policy_size: str, reward_size: str, real_vocab: bool) -> dict[str, Path]:
-    """A T5 policy and a RoBERTa reward (default: d_model 256 x 4 layers, and a bigger hidden 512 x 6 layers; `base`
-    for both is flan-t5-base against roberta-base, the headline's sizes), random weights, cached like the other sets."""
+    """A T5 policy and a RoBERTa reward (default: d_model 256 x 4 layers against roberta-base's hidden 768 x 12
+    layers; `--policy-size base` makes the policy flan-t5-base-sized too), random weights, cached like the other sets."""
     from benchmarks.assets import REAL_VOCAB, ROBERTA_SIZES, T5_SIZES, ModelSet, build_model_set
 
     T5_SIZES.setdefault("mini", dict(d_model=256, d_ff=1024, num_layers=4, num_heads=4, d_kv=64))
@@ -106,9 +107,10 @@ def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: di
     return "\n".join([
         f"\n## Scorer overlap (CPU), {date}\n",
         f"`python -m benchmarks.scorer_overlap --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup} "
-        f"--batch-size {args.batch_size} --threads {args.threads}"
+        f"--batch-size {args.batch_size} --threads {args.threads} --policy-size {args.policy_size} "
+        f"--reward-size {args.reward_size}"
         f"{' --reference-scorer' if args.reference_scorer else ''}`; machine: {machine['cpu']}, {machine['cores']} "
-        f"cores, SHARED with other work (1-minute load average at the start of each run in the last column). "
+        f"cores (1-minute load average at the start of each run in the last column). "
         f"{'Launch: ' + args.launch if args.launch else 'One training rank'}; `scorer` adds a reward scorer "
         f"process{held}. Policy T5 `{args.policy_size}`, reward RoBERTa `{args.reward_size}` (benchmarks/assets.py "
         f"sizes, random weights); batch {args.batch_size}, 24 new tokens, 1 PPO epoch. Seconds per step, mean over "
@@ -127,7 +129,7 @@ def markdown(records: list[dict[str, Any]], s: dict[str, Any], args, machine: di
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scorer_overlap", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2, help="local/scorer pairs to run (default 2)")
-    p.add_argument("--steps", type=int, default=6, help="PPO steps per run (default 6)")
+    p.add_argument("--steps", type=int, default=8, help="PPO steps per run (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps of each run (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (training ranks and scorers; "
@@ -135,7 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--launch", default=None, help="detoxrl-launch arguments for several ranks, e.g. \"--strategy "
                    "zero2 --num-processes 6 --mixed-precision bf16\" (default: one process, no launcher)")
     p.add_argument("--policy-size", default="mini", help="T5 size (benchmarks/assets.py T5_SIZES; default mini)")
-    p.add_argument("--reward-size", default="medium", help="RoBERTa size (ROBERTA_SIZES; default medium)")
+    p.add_argument("--reward-size", default="base", help="RoBERTa size (ROBERTA_SIZES, or `medium`: hidden 512 x 6 "
+                   "layers; default base)")
     p.add_argument("--real-vocab", action="store_true", help="the models' published vocabulary sizes")
     p.add_argument("--reference-scorer", action="store_true", help="put the reference copy on a scorer too (a third "
                    "busy process: on a 2-core machine it competes with the training rank)")

@@ -342,9 +342,20 @@ def evaluate_heldout(t: Trainer, progress: Progress, when: str) -> dict[str, Any
     """progress.evaluation[when] ("before" | "after"): the held-out figures of the policy as it is now."""
     held = t.inputs.heldout
     n = min(t.cfg.evaluation.num_samples, len(held))
-    with generation_weights(t.accelerator, t.policy, t.cfg.generation.zero3_gather_weights) as synced:
-        progress.evaluation[when] = heldout_evaluation(t.unwrapped, t.inputs.tokenizer, held.input_ids[:n],
-                                                       held.texts[:n], t.reward, t.cfg, t.device, synced, t.judges)
+    try:
+        with generation_weights(t.accelerator, t.policy, t.cfg.generation.zero3_gather_weights) as synced:
+            progress.evaluation[when] = heldout_evaluation(t.unwrapped, t.inputs.tokenizer, held.input_ids[:n],
+                                                           held.texts[:n], t.reward, t.cfg, t.device, synced,
+                                                           t.judges)
+    except ScorerError as err:  # every rank of the machine gets it (they share the scorer): say what is on disk
+        done = progress.step
+        path = ckpt.step_dir(t.out / "checkpoints", done)
+        kept = f"the trained policy is in {t.out / 'final'} and its checkpoint in {path}; run the same command " \
+               f"again to redo only the evaluation" if when == "after" and ckpt.is_valid(path) is None else \
+            f"the trained policy is in {t.out / 'final'} (detoxrl-eval can evaluate it)" if when == "after" else \
+            f"no step ran; run the same command again" if done == 0 else \
+            f"run the same command again to resume from step {done}"
+        raise ScorerError(f"{err} (in the held-out evaluation {when} training); {kept}") from None
     if when == "before":
         log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts x %d samples)",
                  progress.evaluation["before"]["toxicity_mean"], progress.evaluation["before"]["reward_mean"], n,
@@ -359,7 +370,10 @@ def finish(t: Trainer, progress: Progress, start_step: int, logger: RunLogger,
     """The last checkpoint, final/ (adapter, value head, tokenizer), and the before/after comparison."""
     cfg = t.cfg
     steps_done = max(start_step, cfg.run.total_steps)
-    if cfg.checkpoint.every_steps and start_step < cfg.run.total_steps:  # else resumed from this very checkpoint
+    # (else resumed from this very checkpoint); with scorers always: one can still fail in the held-out evaluation,
+    # and a rerun then redoes only that
+    scorer_eval = t.scorers is not None and cfg.evaluation.before_after
+    if (cfg.checkpoint.every_steps or scorer_eval) and start_step < cfg.run.total_steps:
         save(t, progress, logger, steps_done)
     final_dir = t.out / "final"
     with gathered_trainable(t.accelerator, t.policy):  # collective under ZeRO-3: every rank gathers, rank 0 writes

@@ -161,13 +161,14 @@ def fault(index: int, served: int) -> None:
         time.sleep(10_000)
 
 
-def serve(group, local_world: int, terms: dict, reference, cfg, index: int) -> None:
+def serve(group, local_world: int, terms: dict, reference, cfg, index: int) -> int:
+    """Serve rounds (one request from every local rank) until every rank says stop; returns the rounds served."""
     served = 0
     while True:
         requests = [receive(group, r) for r in range(local_world)]
         ops = {(int(h[0]), int(h[1])) for h, _ in requests}
         if ops == {(OP_SHUTDOWN, 0)}:
-            return
+            return served
         if len(ops) != 1:
             raise RuntimeError(f"the local ranks sent different requests in one round: {sorted(ops)}")
         served += 1
@@ -208,11 +209,11 @@ def main(argv: list[str]) -> int:
     local_world = spec["local_world"]
     group = loopback_group(store, local_world + index, local_world + spec["scorers"], FOREVER)
     try:
-        serve(group, local_world, terms, reference, cfg, index)
+        served = serve(group, local_world, terms, reference, cfg, index)
     except RuntimeError as err:  # a rank went away (the run ended badly or was killed): nothing left to serve
         print(f"scorer {index}: stopping: {str(err).splitlines()[0]}", flush=True)
         return 1
-    print(f"scorer {index}: every rank said stop", flush=True)
+    print(f"scorer {index}: every rank said stop after {served} rounds", flush=True)
     return 0
 
 
