@@ -479,7 +479,7 @@ def scorers_in_launch(out: Path, paths: dict[str, str], trainable, local_run) ->
     run = train(load_config(DEMO_RECIPE, [*base, f"run.output_dir={root / 'scorer'}"]))
     weights, local_weights = trainable(run), trainable(local_run)
     killed = state.distributed_type.value == "MULTI_CPU"
-    errors, resumed = [], None
+    errors, resumed, eval_errors, eval_rerun = [], None, [], None
     if killed:
         os.environ["DETOXRL_TEST_SCORER_FAULT"] = "1:die@2"  # scorer 1 (the reference) dies at its 2nd request
         try:
@@ -491,6 +491,19 @@ def scorers_in_launch(out: Path, paths: dict[str, str], trainable, local_run) ->
         errors = gather_object([error])
         resumed = train(load_config(DEMO_RECIPE, [*base, "checkpoint.every_steps=0",
                                                   f"run.output_dir={root / 'killed'}"]))
+        # the reward scorer dies in the held-out evaluation after training (its round 5: 2 before training, the
+        # step's reward and P(toxic), then the evaluation's first); the rerun redoes only the evaluation
+        in_eval = [*base, "run.total_steps=1", "checkpoint.every_steps=0", "evaluation.before_after=true",
+                   "evaluation.num_samples=4", "evaluation.samples_per_prompt=1", f"run.output_dir={root / 'eval'}"]
+        os.environ["DETOXRL_TEST_SCORER_FAULT"] = "0:die@5"
+        try:
+            train(load_config(DEMO_RECIPE, in_eval))
+            error = None
+        except ScorerError as err:
+            error = str(err)
+        del os.environ["DETOXRL_TEST_SCORER_FAULT"]
+        eval_errors = gather_object([error])
+        eval_rerun = train(load_config(DEMO_RECIPE, in_eval))
     if state.is_main_process:
         def timeless(m):
             return {k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))}
@@ -512,7 +525,11 @@ def scorers_in_launch(out: Path, paths: dict[str, str], trainable, local_run) ->
                 "resumed_steps": [m["step"] for m in resumed.metrics],
                 "resume_weights_equal": equal(trainable(resumed), weights),
                 "resume_metrics_equal": same_metrics(resumed.metrics, run.metrics[1:]),
-                "scorer_logs": sorted(p.name for p in (root / "killed" / "scorers").iterdir())})
+                "scorer_logs": sorted(p.name for p in (root / "killed" / "scorers").iterdir()),
+                "eval_errors": eval_errors, "eval_checkpoints": sorted(p.name for p in (root / "eval" / "checkpoints")
+                                                                       .iterdir()),
+                "eval_rerun_steps": [m["step"] for m in eval_rerun.metrics],
+                "eval_rerun_has_after": sorted(eval_rerun.evaluation or {})})
         (out / "scorers.json").write_text(json.dumps(record))
     state.wait_for_everyone()
 
@@ -570,7 +587,8 @@ def test_every_estimator_and_critic_trains_both_kinds_on_two_ranks_and_resumes_b
 
 def check_scorers(r: dict) -> None:
     """Scorer placement == local placement bitwise (weights, metrics), one copy of each model per scorer; (DDP) a
-    killed scorer stops both ranks with its name after a checkpoint; the resume (fresh scorers) continues exactly."""
+    killed scorer stops both ranks with its name after a checkpoint; the resume (fresh scorers) continues exactly;
+    one killed in the held-out evaluation after training leaves a checkpoint, and the rerun only evaluates."""
     assert r["weights_equal"] is True and r["metrics_equal"] is True and r["policy_moved"] > 0
     assert {"time/wait_reward", "time/wait_reference"} <= set(r["metric_keys"])
     scorers = r["run_info"]["scorers"]
@@ -587,6 +605,12 @@ def check_scorers(r: dict) -> None:
     assert r["killed_checkpoints"] == ["step-000001"]  # written by the failure path (checkpoint.every_steps=0)
     assert r["resumed_steps"] == [2] and r["resume_weights_equal"] is True and r["resume_metrics_equal"] is True
     assert r["scorer_logs"] == ["machine-0-scorer-0.log", "machine-0-scorer-1.log"]
+    # killed in the evaluation after training: both ranks name it and what is on disk; the rerun trains nothing
+    assert len(r["eval_errors"]) == 2 and all(
+        e and e.startswith("scorer 0 (reward term 0 on cpu) of machine rank 0 ") and "after training" in e and
+        "step-000001" in e and "redo only the evaluation" in e for e in r["eval_errors"]), r["eval_errors"]
+    assert r["eval_checkpoints"] == ["step-000001"]  # written before the evaluation (checkpoint.every_steps=0)
+    assert r["eval_rerun_steps"] == [] and "after" in r["eval_rerun_has_after"]
 
 
 # ---- the launch traps of docs/ARCHITECTURE.md are refused, not silently run as one process -----------------------

@@ -67,6 +67,30 @@ def test_static_engine_samples_what_hf_samples(test_models, family, lora):
     assert ended_some   # rows stopped at EOS at different steps while others went on
 
 
+@pytest.mark.parametrize("engine", ["hf", "static"])
+@pytest.mark.parametrize("mode", ["detached", "adapter"])
+def test_old_logprobs_reuse_the_rollouts_encoder_states(test_models, engine, mode):
+    """seq2seq: the encoder runs once per prompt, for sampling; the old log-prob pass reuses its states (rows of
+    k = 2 responses per prompt, prompts of different lengths, the engine's extra padding cut off) and gives what
+    encoding again gives, chunked or length-bucketed; the adapter critic's values encode afresh, as they must."""
+    from detoxrl.train.experience import forward_in_chunks
+
+    policy = critic_policy(test_models, mode)
+    perturb_lora(policy, 0.3)
+    tok = load_tokenizer(str(test_models["t5"]), "seq2seq")
+    rollout = _generate(policy, tok, engine, seed=0)
+    enc = rollout.encoder_states
+    assert enc is not None and enc.shape[:2] == rollout.prompt_ids.shape
+    assert torch.equal(enc[0], enc[1]) and not torch.equal(enc[0], enc[2])  # rows 0, 1 answer prompt 0
+    for chunk, bucket in ((8, False), (2, True)):
+        reused = forward_in_chunks(policy, rollout, chunk, 0.8, group=2, bucket=bucket)
+        again = forward_in_chunks(policy, rollout, chunk, 0.8, group=2, bucket=bucket, reuse_encoder=False)
+        for a, b in zip(reused, again):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    causal, _ = _policy(test_models, "gpt2", True)
+    assert _generate(causal, load_tokenizer(str(test_models["gpt2"]), "causal"), engine, 0).encoder_states is None
+
+
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_static_engine_logits_match_hf_at_every_step(test_models, family):
     """generate()'s own per-step logits: static == hf, and both == the trainer's teacher-forced forward pass."""

@@ -124,19 +124,23 @@ def shaped_scores(cfg: Config, raw_scores: torch.Tensor, ended: torch.Tensor, mo
 
 def in_chunks(fn: Callable[..., tuple[torch.Tensor, ...]], rollout: Rollout, chunk: int, group: int = 1,
               bucket: bool = False) -> list[torch.Tensor]:
-    """`fn(prompt_ids, prompt_mask, response_ids)` -> (rows, T') tensors, run on chunks of `chunk` rows (a
-    multiple of `group`) and reassembled into (B, T) tensors in the rollout's row order. With `bucket` the rows are
-    sorted by length first (groups of `group` kept together) and each chunk drops the padding columns none of its
-    rows uses (buckets.used_columns); the columns it drops are 0 in the result (masked everywhere downstream)."""
+    """`fn(prompt_ids, prompt_mask, response_ids, encoder_states)` -> (rows, T') tensors, run on chunks of `chunk`
+    rows (a multiple of `group`) and reassembled into (B, T) tensors in the rollout's row order (`encoder_states`:
+    the chunk's rows of `rollout.encoder_states`, or None). With `bucket` the rows are sorted by length first
+    (groups of `group` kept together) and each chunk drops the padding columns none of its rows uses
+    (buckets.used_columns); the columns it drops are 0 in the result (masked everywhere downstream)."""
     B, T = rollout.response_ids.shape
+    enc = rollout.encoder_states
     if not bucket:
         parts = [fn(rollout.prompt_ids[s:s + chunk], rollout.prompt_mask[s:s + chunk],
-                    rollout.response_ids[s:s + chunk]) for s in range(0, B, chunk)]
+                    rollout.response_ids[s:s + chunk], None if enc is None else enc[s:s + chunk])
+                 for s in range(0, B, chunk)]
         return [torch.cat(col) for col in zip(*parts)]
     outs: list[torch.Tensor] = []
     for ids in sorted_chunks(rollout.response_mask, rollout.prompt_mask, chunk, group):
         p, r = used_columns(rollout.prompt_mask[ids], rollout.response_mask[ids])
-        part = fn(rollout.prompt_ids[ids][:, p], rollout.prompt_mask[ids][:, p], rollout.response_ids[ids][:, r])
+        part = fn(rollout.prompt_ids[ids][:, p], rollout.prompt_mask[ids][:, p], rollout.response_ids[ids][:, r],
+                  None if enc is None else enc[ids][:, p])
         if not outs:
             outs = [torch.zeros((B, T), dtype=t.dtype, device=t.device) for t in part]
         for out, t in zip(outs, part):
@@ -145,12 +149,15 @@ def in_chunks(fn: Callable[..., tuple[torch.Tensor, ...]], rollout: Rollout, chu
 
 
 def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float, want_values: bool = True,
-                      group: int = 1, bucket: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      group: int = 1, bucket: bool = False,
+                      reuse_encoder: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Old log-probs and values (B, T) of the sampled responses, without gradients (values 0 without a critic).
     `chunk` rows at a time, a multiple of `group` (responses per prompt: seq2seq encodes each prompt once); `bucket`:
-    length-sorted chunks without unused padding (`in_chunks`)."""
-    def one(prompt_ids, prompt_mask, response_ids):
-        logits, v = policy(prompt_ids, prompt_mask, response_ids, want_values=want_values, group=group)
+    length-sorted chunks without unused padding (`in_chunks`). A seq2seq rollout's encoder states are reused (the
+    encoder does not run again; `reuse_encoder=False` runs it, for tests)."""
+    def one(prompt_ids, prompt_mask, response_ids, encoder_states):
+        logits, v = policy(prompt_ids, prompt_mask, response_ids, want_values=want_values, group=group,
+                           encoder_states=encoder_states if reuse_encoder else None)
         logp = logprobs_from_logits(logits, response_ids, temperature).float()
         return logp, (v.float() if want_values else torch.zeros_like(logp))
 
@@ -166,7 +173,7 @@ def reference_in_chunks(policy, reference, rollout: Rollout, chunk: int, tempera
     if not bucket:
         return reference_logprobs(policy, reference, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                   temperature, forward=forward, group=group)
-    return in_chunks(lambda p, m, r: (reference_logprobs(policy, reference, p, m, r, temperature, forward=forward,
+    return in_chunks(lambda p, m, r, _: (reference_logprobs(policy, reference, p, m, r, temperature, forward=forward,
                                                          group=group),), rollout, chunk, group, True)[0]
 
 

@@ -134,19 +134,22 @@ def load_base_model(path: str, kind: str, dtype: torch.dtype, revision: Optional
 
 
 def lm_forward(lm: nn.Module, kind: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               response_ids: torch.Tensor, want_hidden: bool, group: int = 1,
-               want_logits: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+               response_ids: torch.Tensor, want_hidden: bool, group: int = 1, want_logits: bool = True,
+               encoder_states: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Logits (B, T, V) predicting each response token and, if asked, the last hidden state at those positions.
 
     `group` > 1 (seq2seq): rows come in groups of `group` responses to the same prompt; the encoder runs once per
     prompt and its outputs are expanded (for the passes without gradients; a gradient pass keeps one row per
     prompt copy). `want_logits=False` (causal) computes the logits of one position only (for a critic's hidden
-    states); logits are then None."""
+    states); logits are then None. `encoder_states` (seq2seq, (B, P, d)): the encoder's output for these rows,
+    computed earlier by this very model (rollout), so the encoder does not run again."""
     if kind == "seq2seq":
         start = lm.config.decoder_start_token_id
         dec_in = torch.cat([torch.full_like(response_ids[:, :1], start), response_ids[:, :-1]], dim=1)
         inputs = {"input_ids": prompt_ids}
-        if group > 1:
+        if encoder_states is not None:
+            inputs = {"encoder_outputs": (encoder_states,)}
+        elif group > 1:
             encoder = lm.get_encoder()
             enc = encoder(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group])
             inputs = {"encoder_outputs": (enc.last_hidden_state.repeat_interleave(group, dim=0),)}
@@ -234,13 +237,15 @@ class PolicyWithValue(nn.Module):
         self.v_head.to(dtype=torch.float32)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                want_values: bool = True, group: int = 1) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                want_values: bool = True, group: int = 1,
+                encoder_states: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits (B, T, V) predicting each response token, and values (B, T) of the state before it (None unless
-        `want_values`). `group`: see `lm_forward` (passes without gradients only)."""
+        `want_values`). `group`, `encoder_states`: see `lm_forward` (passes without gradients only; the states are
+        the policy adapter's, so the critic adapter's pass encodes afresh)."""
         separate = self.critic_mode == "adapter"
         # the policy's pass runs with whatever is active: the policy adapter, or the reference in reference_mode
         logits, hidden = lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids,
-                                    want_values and not separate, group)
+                                    want_values and not separate, group, encoder_states=encoder_states)
         values = None
         if want_values:
             if separate:

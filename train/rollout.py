@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 from transformers import CompileConfig, GenerationConfig as HFGenerationConfig, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutput
 
 from detoxrl.train.config import GenerationConfig
 from detoxrl.train.models import PolicyWithValue
@@ -41,6 +42,9 @@ class Rollout:
     response_ids: torch.Tensor     # (B, T) right-padded with pad id
     response_mask: torch.Tensor    # (B, T) 1 up to and including the first EOS
     ended: torch.Tensor            # (B,) bool: the response contains EOS
+    # seq2seq: the policy encoder's last hidden state (B, P, d) of each row's prompt, computed once for sampling
+    # and reused by the old log-prob pass (the weights have not changed in between); None for causal policies
+    encoder_states: Optional[torch.Tensor] = None
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,14 +234,21 @@ def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokeniz
     plan = plan_engine(lm, gen, device, synced_gpus)
     longest_prompt = _round_up(max(len(p) for p in prompts), gen.static_pad_multiple)
     hf_gen = hf_generation_config(lm, tokenizer, gen, max_new_tokens, k, plan, left, longest_prompt)
-    chunks_ids, chunks_resp = [], []
+    chunks_ids, chunks_resp, chunks_enc = [], [], []
     with torch.no_grad(), _own_config_only(lm):
         for start in range(0, len(prompts), gen.rollout_batch_size):
             chunk = prompts[start:start + gen.rollout_batch_size]
             ids, mask = pad_prompts(chunk, pad_id, left, device)
             gen_ids, gen_mask = pad_for_engine(ids, mask, pad_id, left, plan, gen.static_pad_multiple)
+            extra = {}
+            if not left:  # seq2seq: encode here, once, and keep it for the old log-probs (the engine's extra
+                # padding columns get zeros: masked in the cross-attention, so both engines see the same states)
+                enc = lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                wide = torch.nn.functional.pad(enc, (0, 0, 0, gen_ids.shape[1] - ids.shape[1]))
+                extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=wide)
+                chunks_enc.append(enc.repeat_interleave(k, dim=0))
             out = lm.generate(input_ids=gen_ids, attention_mask=gen_mask, generation_config=hf_gen,
-                              synced_gpus=synced_gpus)
+                              synced_gpus=synced_gpus, **extra)
             if k > 1:
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
             resp = out[:, 1:] if policy.kind == "seq2seq" else out[:, gen_ids.shape[1]:]
@@ -258,4 +269,6 @@ def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokeniz
     resp_mask, response, ended = mask_after_eos(response, eos_id, pad_id)
     if resp_mask.shape[1] == 0:
         raise RuntimeError("generation returned no tokens")
-    return Rollout(torch.cat(prompt_ids), torch.cat(prompt_mask), response, resp_mask, ended)
+    encoder_states = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, P - e.shape[1])) for e in chunks_enc]) \
+        if chunks_enc else None
+    return Rollout(torch.cat(prompt_ids), torch.cat(prompt_mask), response, resp_mask, ended, encoder_states)
