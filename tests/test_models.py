@@ -348,3 +348,39 @@ def test_k_responses_per_prompt_encode_each_prompt_once(test_models, family, kin
     if kind == "seq2seq":
         assert encoded_rows == [3, 3, 12], encoded_rows                    # generate, group=4, per row
     assert P == max(len(p) for p in prompts)
+
+
+@pytest.mark.slow
+def test_compiled_ppo_passes_match_eager(test_models):
+    """ppo.compile: the update's forward and backward and the shared reference's pass (adapters off: a graph of its
+    own) give what the eager passes give, within compiled kernels' rounding."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    policy = critic_policy(test_models, "shared")
+    perturb_lora(policy, 0.3)
+    torch.nn.init.normal_(policy.v_head.weight, std=0.1)
+    tok = load_tokenizer(str(test_models["t5"]), "seq2seq")
+    ids, mask = pad_prompts(prompts_for(tok, ["hello there friend", "a b c d e f g"]), tok.pad_token_id, False, CPU)
+    resp = torch.randint(3, len(tok), (2, 5))
+
+    def passes():
+        policy.zero_grad(set_to_none=True)
+        logits, values = policy(ids, mask, resp)
+        (logits.float().log_softmax(-1).mean() + values.pow(2).mean()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        with torch.no_grad(), policy.reference_mode():
+            ref, _ = policy(ids, mask, resp, want_values=False)
+        return logits.detach(), values.detach(), grads, ref
+
+    eager = passes()
+    torch._dynamo.reset()
+    policy.compile_forward()
+    compiled = passes()
+    assert policy._lm_forward is not lm_forward
+    for a, b in zip(eager[:2] + eager[3:], compiled[:2] + compiled[3:]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert eager[2].keys() == compiled[2].keys() and len(eager[2]) > 2
+    for name, g in eager[2].items():
+        torch.testing.assert_close(compiled[2][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(eager[0], eager[3])  # the reference pass really ran without the adapter

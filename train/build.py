@@ -26,7 +26,8 @@ from detoxrl.train.data import PromptSampler
 from detoxrl.train.devices import gpu_index, place_auxiliary
 from detoxrl.train.distributed import fill_deepspeed_config, make_accelerator, models_built_whole, zero_stage
 from detoxrl.train.judges import Judge, build_judges, reward_toxicity_term
-from detoxrl.train.models import build_policy, build_reference_copy, count_parameters, resolve_device, resolve_dtype
+from detoxrl.train.models import (PolicyWithValue, build_policy, build_reference_copy, count_parameters, resolve_device,
+                                  resolve_dtype)
 from detoxrl.train.ppo_math import AdaptiveKLController, FixedKLController, RunningMoments
 from detoxrl.train.preflight import RunInputs, preflight
 from detoxrl.train.reward import RewardModel, build_reward
@@ -150,6 +151,7 @@ def build_trainer(cfg: Config) -> tuple[Trainer, Progress]:
                          "the weights: use the ddp or zero2 strategy")
     dtype = resolve_dtype(cfg.policy.dtype, accelerator.device, accelerator.mixed_precision)
     policy, reference, reward, judges, tox_term, scorers = build_models(cfg, accelerator, inputs, dtype)
+    compile_policy(cfg, accelerator, policy)
     total_params, trainable_params = count_parameters(policy)
     log.info("policy %s (%s, %s): %s parameters, %s trainable (%.3f%%)", cfg.policy.model, inputs.kind, dtype,
              f"{total_params:,}", f"{trainable_params:,}", 100.0 * trainable_params / total_params)
@@ -163,6 +165,20 @@ def build_trainer(cfg: Config) -> tuple[Trainer, Progress]:
                       reference, reward, judges, tox_term, optimizer, scheduler, dtype,
                       (total_params, trainable_params), scorers)
     return trainer, new_progress(cfg, sampler)
+
+
+def compile_policy(cfg: Config, accelerator, policy: PolicyWithValue) -> None:
+    """ppo.compile, where torch.compile can trace the policy: not through ZeRO-3's parameter-gathering hooks, nor
+    bitsandbytes' quantized layers (the run stays eager, with the reason logged)."""
+    if not cfg.ppo.compile:
+        return
+    why = "DeepSpeed ZeRO-3 gathers the weights in module hooks" if zero_stage(accelerator) == 3 else \
+        "policy.quantization (bitsandbytes layers)" if cfg.policy.quantization else None
+    if why:
+        log.warning("ppo.compile: the PPO passes stay eager: %s", why)
+        return
+    policy.compile_forward()
+    log.info("ppo.compile: the PPO step's forward passes run through torch.compile (the first steps compile)")
 
 
 def build_models(cfg: Config, accelerator, inputs: RunInputs, dtype: torch.dtype):

@@ -235,6 +235,13 @@ class PolicyWithValue(nn.Module):
                 self.v_head.weight.zero_()
             self.v_head.bias.zero_()
         self.v_head.to(dtype=torch.float32)
+        self._lm_forward = lm_forward  # or its torch.compile'd twin (compile_forward)
+
+    def compile_forward(self) -> None:
+        """ppo.compile: the forward passes of the PPO step (old log-probs and values, the shared reference, the
+        update; not generate()) run through torch.compile. Dynamo guards on the model, the adapter flags and the
+        shapes, so the reference and critic adapters get graphs of their own."""
+        self._lm_forward = torch.compile(lm_forward)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                 want_values: bool = True, group: int = 1,
@@ -244,14 +251,14 @@ class PolicyWithValue(nn.Module):
         the policy adapter's, so the critic adapter's pass encodes afresh)."""
         separate = self.critic_mode == "adapter"
         # the policy's pass runs with whatever is active: the policy adapter, or the reference in reference_mode
-        logits, hidden = lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids,
-                                    want_values and not separate, group, encoder_states=encoder_states)
+        logits, hidden = self._lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids,
+                                          want_values and not separate, group, encoder_states=encoder_states)
         values = None
         if want_values:
             if separate:
                 with active_adapter(self.lm, CRITIC_ADAPTER):
-                    _, hidden = lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids, True, group,
-                                           want_logits=False)
+                    _, hidden = self._lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids, True,
+                                                 group, want_logits=False)
             elif self.critic_mode == "detached":  # the value loss then trains the head only, never the LoRA layers
                 hidden = hidden.detach()
             # the head is float32, except under DeepSpeed bf16/fp16, which casts the whole module
