@@ -322,7 +322,7 @@ def test_kill_minus_9_anywhere_loses_only_steps_since_the_last_checkpoint(test_m
     # the test hook sleeps inside save_checkpoint, between the adapter and the optimizer: a wide window to land in
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DETOXRL_TEST_CHECKPOINT_DELAY": "0.5"}
     kills = []
-    for seed in range(3):
+    for seed in range(2):  # 4 kills: 2 while a checkpoint is written, 2 at random moments
         rng = random.Random(seed)
         out = tmp_path / f"seed{seed}"
         args = overrides(test_models, out, KILL_STEPS, *extra)

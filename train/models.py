@@ -237,11 +237,12 @@ class PolicyWithValue(nn.Module):
         self.v_head.to(dtype=torch.float32)
         self._lm_forward = lm_forward  # or its torch.compile'd twin (compile_forward)
 
-    def compile_forward(self) -> None:
+    def compile_forward(self, backend: str = "inductor") -> None:
         """ppo.compile: the forward passes of the PPO step (old log-probs and values, the shared reference, the
         update; not generate()) run through torch.compile. Dynamo guards on the model, the adapter flags and the
-        shapes, so the reference and critic adapters get graphs of their own."""
-        self._lm_forward = torch.compile(lm_forward)
+        shapes, so the reference and critic adapters get graphs of their own. (`backend`: tests trace with
+        "aot_eager", Dynamo and AOTAutograd without inductor's code generation.)"""
+        self._lm_forward = torch.compile(lm_forward, backend=backend)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                 want_values: bool = True, group: int = 1,
