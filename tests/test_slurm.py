@@ -6,7 +6,7 @@ daemons in the foreground as children of the test (munged as the munge user), an
   reference and a run that gets `scancel --signal=USR1 --batch` mid-run. The signalled job must checkpoint, requeue
   itself, resume from that checkpoint, finish its steps and end with the reference's weights.
 - two nodes (two slurmd on this host, `slurmd -N node1` / `-N node2`): `slurm/ppo_multi_node.sbatch` (1 process per
-  node, each machine with its own reward scorers) next to the single-node script with 2 processes; both must train
+  node, each machine with its own reward scorer) next to the single-node script with 2 processes; both must train
   to the same weights.
 Everything is stopped afterwards and no process of the test may be left.
 """
