@@ -18,6 +18,7 @@
 #   DETOXRL_HOME    the repository (recipes and configs are relative to it) [the submit directory]
 #   STOP_TIMEOUT    seconds the training gets to finish its step and checkpoint after a stop signal; keep it below
 #                   the --signal lead time                                 [170]
+#   MAIN_PROCESS_IP    address of the first node for the rendezvous      [its NodeAddr in slurm.conf]
 #   MAIN_PROCESS_PORT  rendezvous port on the first node                   [20000 + job id % 20000]
 #   DETOXRL_REQUEUE set to 0 to stop without requeueing                     [1]
 set -uo pipefail
@@ -37,7 +38,12 @@ batch() {
     srun_pid=""
     trap 'stop_training USR1' USR1
     trap 'stop_training TERM' TERM
-    MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # the first node's NodeAddr (what SLURM itself reaches it at; it defaults to the NodeName): a NodeName need not
+    # resolve (NodeName=gpu01 NodeAddr=10.0.0.1), and then the other nodes would wait forever at the rendezvous
+    local first
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    : "${MAIN_PROCESS_IP:=$(scontrol show node -o "$first" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')}"
+    : "${MAIN_PROCESS_IP:=$first}"
     export MAIN_PROCESS_IP
     log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: recipe $RECIPE, strategy" \
         "$STRATEGY, main process $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"

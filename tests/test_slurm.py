@@ -1,10 +1,13 @@
-"""The shipped sbatch script on a real one-node SLURM cluster (slurmctld + slurmd + munged on this machine).
+"""The shipped sbatch scripts on a real SLURM cluster (slurmctld + slurmd + munged on this machine).
 
 Installs Debian's `slurm-wlm` and `munge` with apt-get when they are missing (so it needs root and apt), starts the
-daemons in the foreground as children of this test (munged as the munge user), submits
-`slurm/ppo_single_node.sbatch` twice with the tiny recipe on CPU (2 processes each; the jobs share the node):
-an uninterrupted reference, and a run that gets `scancel --signal=USR1 --batch` mid-run. The signalled job must
-checkpoint, requeue itself, resume from that checkpoint, finish its steps and end with the reference's weights.
+daemons in the foreground as children of the test (munged as the munge user), and submits with the tiny recipe on CPU:
+- one node: `slurm/ppo_single_node.sbatch` twice (2 processes each; the jobs share the node), an uninterrupted
+  reference and a run that gets `scancel --signal=USR1 --batch` mid-run. The signalled job must checkpoint, requeue
+  itself, resume from that checkpoint, finish its steps and end with the reference's weights.
+- two nodes (two slurmd on this host, `slurmd -N node1` / `-N node2`): `slurm/ppo_multi_node.sbatch` (1 process per
+  node, each machine with its own reward scorer) next to the single-node script with 2 processes; both must train
+  to the same weights.
 Everything is stopped afterwards and no process of the test may be left.
 """
 
@@ -18,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -33,7 +38,7 @@ SBATCH = REPO / "slurm" / "ppo_single_node.sbatch"
 
 @pytest.mark.parametrize("script", ["ppo_single_node.sbatch", "ppo_multi_node.sbatch"])
 def test_sbatch_scripts_requeue_signal_ahead_and_append(script):
-    """The options the requeue/resume flow depends on (the multi-node script cannot run on a one-node cluster)."""
+    """The options the requeue/resume flow depends on (the multi-node script runs on two nodes below)."""
     path = REPO / "slurm" / script
     subprocess.run(["bash", "-n", str(path)], check=True)
     options = [ln.split(None, 1)[1].strip() for ln in path.read_text().splitlines() if ln.startswith("#SBATCH ")]
@@ -60,12 +65,28 @@ def _install_slurm() -> None:
 
 
 class LocalSlurm:
-    """A one-node cluster on localhost, every daemon a child process of the test (so it can be stopped for sure)."""
+    """A cluster on localhost, every daemon a child process of the test (so it can be stopped for sure).
 
-    def __init__(self, root: Path) -> None:
+    One node is this host under its own name. With `nodes` > 1 there are that many nodes node1..nodeN, all this host
+    (NodeHostname) at 127.0.0.1, each with its own slurmd (`slurmd -N nodeK`) on its own port, spool directory, pid
+    and log file (`%n`): Debian's slurmd 22.05 runs so, and an `srun -N 2` task sees SLURMD_NODENAME node1 / node2
+    and SLURM_NODEID 0 / 1, as on two machines.
+    """
+
+    def __init__(self, root: Path, nodes: int = 1) -> None:
         self.root = root
+        self.nodes = nodes
         self.procs: list[subprocess.Popen] = []
         host = socket.gethostname().split(".")[0]
+        if nodes == 1:
+            self.node_names = [host]
+            node_lines = f"NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN"
+            spool, suffix = "", ""
+        else:
+            self.node_names = [f"node{k}" for k in range(1, nodes + 1)]
+            node_lines = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs=2 "
+                                   f"RealMemory=2000 State=UNKNOWN" for n in self.node_names)
+            spool, suffix = "/%n", "-%n"  # each slurmd its own spool directory, pid file and log
         munge_dir = root / "munge"
         munge_dir.mkdir()
         (munge_dir / "munge.key").write_bytes(os.urandom(1024))
@@ -88,11 +109,11 @@ CredType=cred/munge
 # cred_expire=10: a requeued job starts again after ~11 s instead of ~2 min
 AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool{spool}
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd{suffix}.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd{suffix}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -111,14 +132,14 @@ ReturnToService=2
 KillWait=10
 MinJobAge=600
 SlurmdParameters=config_overrides
-NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.env.pop("SLURM_JOB_ID", None)
 
-    def _start(self, cmd: list[str], **kwargs) -> None:
-        log = open(self.root / "log" / f"{Path(cmd[0]).name}.out", "w")
+    def _start(self, cmd: list[str], name: str = "", **kwargs) -> None:
+        log = open(self.root / "log" / f"{name or Path(cmd[0]).name}.out", "w")
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True, **kwargs))
 
@@ -129,8 +150,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     user="munge", group="munge", extra_groups=[])
         self._wait(lambda: self.munge_socket.exists(), 10, "munged to create its socket")
         self._start(["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._start(["slurmd", "-D", "-f", str(self.conf)])
-        self._wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%T", check=False).stdout, 30, "the node to be idle")
+        if self.nodes == 1:
+            self._start(["slurmd", "-D", "-f", str(self.conf)])
+        else:
+            for n in self.node_names:
+                self._start(["slurmd", "-D", "-N", n, "-f", str(self.conf)], name=f"slurmd-{n}")
+        self._wait(lambda: self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split().count("idle")
+                   == self.nodes, 30, f"{self.nodes} idle node(s)")
 
     def _wait(self, cond, timeout: float, what: str) -> None:
         end = time.monotonic() + timeout
@@ -207,22 +233,49 @@ def _steps_logged(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in lines if x.endswith("}")]  # (the last line may be half written)
 
 
-@pytest.mark.slow
-def test_sbatch_script_requeues_on_usr1_and_resumes_exactly(test_models, tmp_path):
+@contextmanager
+def local_cluster(nodes: int, *paths: Path) -> Iterator[LocalSlurm]:
+    """A started LocalSlurm of `nodes` nodes. Afterwards every job and daemon is stopped, and no process of the test
+    may be left (none mentioning `paths` or the cluster's folder, no SLURM/munge process started since)."""
     _install_slurm()
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster runs its daemons as root (slurmd) and munge (munged): needs root")
     before = _processes()
     root = Path(tempfile.mkdtemp(prefix="detoxrl-slurm-"))  # not under pytest's 0700 tmp: munged must reach it
     root.chmod(0o755)
-    cluster = LocalSlurm(root)
+    cluster = LocalSlurm(root, nodes)
     try:
         t0 = time.monotonic()
         cluster.start()
-        print(f"cluster up in {time.monotonic() - t0:.1f} s")
-        env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-               "RECIPE": "configs/ppo/flan_t5_cola_neutral.yaml", "STRATEGY": "ddp", "GPUS_PER_NODE": "0",
-               "PROCS_PER_NODE": "2", "DETOXRL_HOME": str(REPO), "STOP_TIMEOUT": "60"}
+        print(f"cluster of {nodes} node(s) up in {time.monotonic() - t0:.1f} s")
+        yield cluster
+    finally:
+        cluster.stop()
+        left = _left_behind(before, *paths, root)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"processes left behind: {left}"
+
+
+def _job_env(cluster: LocalSlurm, **settings: str) -> dict[str, str]:
+    """The submitting shell: this venv on PATH, CPU training processes, slurm/detoxrl_job.sh's settings."""
+    return {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "RECIPE": "configs/ppo/flan_t5_cola_neutral.yaml", "GPUS_PER_NODE": "0", "DETOXRL_HOME": str(REPO),
+            "STOP_TIMEOUT": "60", **settings}
+
+
+def _job_log(folder: Path) -> str:
+    return "".join((folder / f).read_text() for f in ("slurm.out", "slurm.err") if (folder / f).exists())
+
+
+def _ended(cluster: LocalSlurm, job_id: str) -> bool:
+    return cluster.job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+@pytest.mark.slow
+def test_sbatch_script_requeues_on_usr1_and_resumes_exactly(test_models, tmp_path):
+    with local_cluster(1, tmp_path) as cluster:
+        t0 = time.monotonic()
+        env = _job_env(cluster, STRATEGY="ddp", PROCS_PER_NODE="2")
         jobs = {}
         for name in ("reference", "signalled"):
             out = tmp_path / name
@@ -232,8 +285,7 @@ def test_sbatch_script_requeues_on_usr1_and_resumes_exactly(test_models, tmp_pat
                                      *_tiny_overrides(test_models, out / "run"), env=env).stdout.strip()
 
         def job_log(name: str) -> str:
-            return "".join((tmp_path / name / f).read_text() for f in ("slurm.out", "slurm.err")
-                           if (tmp_path / name / f).exists())
+            return _job_log(tmp_path / name)
 
         def wait_for(cond, timeout: float, what: str) -> None:
             end = time.monotonic() + timeout
@@ -247,11 +299,8 @@ def test_sbatch_script_requeues_on_usr1_and_resumes_exactly(test_models, tmp_pat
         wait_for(lambda: len(_steps_logged(signalled)) >= 2, 120, "the signalled job's second step")
         cluster.run("scancel", "--signal=USR1", "--batch", jobs["signalled"])
         stopped_at = len(_steps_logged(signalled))
-
-        def finished(name: str) -> bool:
-            return cluster.job(jobs[name]).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-
-        wait_for(lambda: finished("signalled") and finished("reference"), 180, "both jobs to end")
+        wait_for(lambda: _ended(cluster, jobs["signalled"]) and _ended(cluster, jobs["reference"]), 180,
+                 "both jobs to end")
         info = cluster.job(jobs["signalled"])
         log = job_log("signalled")
         assert info["JobState"] == "COMPLETED", log[-4000:]
@@ -270,8 +319,73 @@ def test_sbatch_script_requeues_on_usr1_and_resumes_exactly(test_models, tmp_pat
             got = load_file(str(signalled / "final" / f))
             assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), f
         print(f"SLURM test body done in {time.monotonic() - t0:.1f} s")
-    finally:
-        cluster.stop()
-        left = _left_behind(before, tmp_path, root)
-        shutil.rmtree(root, ignore_errors=True)
-    assert not left, f"processes left behind: {left}"
+
+
+MULTI_STEPS = 2
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(str(run / "final" / "adapter_model.safetensors")),
+            **{f"v_head.{k}": v for k, v in load_file(str(run / "final" / "value_head.safetensors")).items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_node_sbatch_script_trains_on_two_nodes_as_one_machine_would(test_models, tmp_path):
+    """slurm/ppo_multi_node.sbatch on two SLURM nodes (two slurmd on this host), submitted next to
+    slurm/ppo_single_node.sbatch with 2 processes on one node (ZeRO-2, the same world size). In the two-node job one
+    srun task per node runs detoxrl-launch with that node's machine rank, each machine starts its own reward scorer,
+    and both ranks end with the same weights, which equal the one-node job's (per-rank scorer batching keeps the
+    scores those of one scorer serving both ranks)."""
+    with local_cluster(2, tmp_path) as cluster:
+        t0 = time.monotonic()
+        # the CoLA term alone (one scorer per machine: fewer processes on a small machine), on scorers
+        term = f"{{model: {test_models['roberta_cola']}, label: LABEL_1, output: logit, score: response}}"
+        scorers = [f"reward.terms=[{term}]", "reward.placement=scorer", "scorer.batching=per_rank"]
+        jobs = {}
+        for name, script, settings in (
+                ("two", REPO / "slurm" / "ppo_multi_node.sbatch",  # STRATEGY: the script's multi_node
+                 {"PROCS_PER_NODE": "1", "DETOXRL_DEBUG_DIR": str(tmp_path / "two" / "debug")}),
+                ("one", SBATCH, {"STRATEGY": "zero2", "PROCS_PER_NODE": "2"})):
+            out = tmp_path / name
+            out.mkdir()
+            overrides = [*_tiny_overrides(test_models, out / "run"), f"run.total_steps={MULTI_STEPS}", *scorers]
+            jobs[name] = cluster.run("sbatch", "--parsable", "-c", "1", "--job-name", f"detoxrl-{name}",
+                                     f"--output={out}/slurm.out", f"--error={out}/slurm.err", str(script),
+                                     *overrides, env=_job_env(cluster, **settings)).stdout.strip()
+        end = time.monotonic() + 240
+        while not all(_ended(cluster, j) for j in jobs.values()):
+            if time.monotonic() > end:
+                raise TimeoutError(f"waited 240 s for both jobs\n{_job_log(tmp_path / 'two')[-4000:]}\n"
+                                   f"{_job_log(tmp_path / 'one')[-2000:]}\n{cluster.logs()}")
+            time.sleep(0.2)
+        print(f"both jobs done in {time.monotonic() - t0:.1f} s")
+        log = _job_log(tmp_path / "two")
+        job = cluster.job(jobs["two"])
+        assert (job["JobState"], job["NodeList"], job["NumNodes"]) == ("COMPLETED", "node[1-2]", "2"), log[-4000:]
+        assert cluster.job(jobs["one"])["JobState"] == "COMPLETED", _job_log(tmp_path / "one")[-4000:]
+        for rank, node in ((0, "node1"), (1, "node2")):                                 # one srun task per node
+            assert f"{node}] node {rank} of 2: detoxrl-launch --strategy multi_node" in log
+            assert f"--nodes 2 --machine-rank {rank} --main-address 127.0.0.1 " in log    # node1's NodeAddr
+    two, one = tmp_path / "two" / "run", tmp_path / "one" / "run"
+    info = json.loads((two / "run_info.json").read_text())
+    assert (info["num_machines"], info["world_size"], info["local_world_size"]) == (2, 2, 1)
+    assert (info["distributed_type"], info["zero_stage"]) == ("DEEPSPEED", 2)
+    assert [(s["machine"], s["scorer"], len(s["models"])) for s in info["scorers"]] == [(0, 0, 1), (1, 0, 1)]
+    assert sorted(p.name for p in (two / "scorers").iterdir()) == ["machine-0-scorer-0.log", "machine-1-scorer-0.log"]
+    w0, w1 = (load_file(str(tmp_path / "two" / "debug" / f"rank-{r:05d}-trainable.safetensors")) for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)     # the ranks in lock-step
+    metrics = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, MULTI_STEPS + 1))
+    assert all(m["ppo/grad_norm"] > 0 for m in metrics)
+    final = _final(two)
+    lora_b = [v for k, v in final.items() if "lora_B" in k]                           # LoRA starts B at zero
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)                           # the policy moved
+    alone = json.loads((one / "run_info.json").read_text())
+    assert (alone["num_machines"], alone["world_size"], alone["zero_stage"]) == (1, 2, 2)
+    assert [(s["machine"], s["scorer"]) for s in alone["scorers"]] == [(0, 0)]
+    want = _final(one)
+    assert want.keys() == final.keys() and all(torch.equal(want[k], final[k]) for k in want)
+    timeless = [[{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/"))}
+                 for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
+    assert timeless[0] == timeless[1]
