@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,12 +97,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.run:
         print(command.shell())
         return 0
+    if plan.nodes > 1:
+        problem = unresolvable(args.main_address or env["main_address"])
+        if problem:
+            print(f"detoxrl-launch: {problem}", file=sys.stderr)
+            return 2
     print(f"+ {command.shell()}", file=sys.stderr, flush=True)
     child_env = {k: v for k, v in os.environ.items() if k not in command.unset}
     child_env.update(command.env)
     accelerate = Path(sys.executable).parent / "accelerate"  # the accelerate of this environment
     argv_run = [str(accelerate) if accelerate.exists() else command.argv[0], *command.argv[1:]]
     return subprocess.call(argv_run, env=child_env)
+
+
+def unresolvable(address: str) -> Optional[str]:
+    """Why the main machine's address cannot be reached by name (None if it resolves): torch's rendezvous would
+    otherwise retry it on every machine without end (a SLURM NodeName that is not a hostname, a typo)."""
+    try:
+        socket.getaddrinfo(address, None)
+    except (socket.gaierror, UnicodeError) as err:
+        return (f"the main machine's address {address!r} does not resolve here ({err}): every machine would wait "
+                f"for it without end. Pass --main-address (or MAIN_PROCESS_IP / MASTER_ADDR) with an address every "
+                f"machine reaches, e.g. its IP")
+    return None
 
 
 if __name__ == "__main__":

@@ -147,6 +147,16 @@ def test_cli_refuses_with_a_clear_message(capsys):
     assert "config error" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_main_address_that_does_not_resolve(capsys, monkeypatch):
+    """--run with several machines: an address that does not resolve (a SLURM NodeName that is no hostname) is a
+    one-line error before anything starts, not a rendezvous that retries without end."""
+    monkeypatch.setattr("detoxrl.launch.cli.subprocess.call", lambda *a, **k: pytest.fail("launched anyway"))
+    assert main(["--strategy", "multi_node", "--gpus", "8", "--nodes", "2", "--machine-rank", "1", "--main-address",
+                 "no-such-node.invalid", "--config", str(RECIPE), "--run"]) == 2
+    err = capsys.readouterr().err
+    assert "'no-such-node.invalid' does not resolve here" in err and "--main-address" in err
+
+
 # ---- the config files the strategies point to -------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_files_exist_and_never_hide_gpus(strategy):
