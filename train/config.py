@@ -392,7 +392,8 @@ class LoggingConfig:
 class CheckpointConfig:
     every_steps: int = 0
     """Save a checkpoint every N steps and at the end (0 = none; the final adapter is saved anyway). A stop signal
-    (SIGTERM, SIGINT, SIGUSR1) always writes one."""
+    (SIGTERM, SIGINT, SIGUSR1) always writes one; so does a failed scorer, and with scorers the last step's is
+    written before the held-out evaluation after training (a scorer failing there then costs only the evaluation)."""
     resume: str = "auto"
     """`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path."""
     keep_last: int = 2
