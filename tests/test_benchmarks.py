@@ -260,4 +260,4 @@ def test_scorer_overlap_summary_and_markdown():
     args = SimpleNamespace(rounds=1, steps=6, warmup=2, batch_size=32, threads=1, reference_scorer=False, launch=None,
                            policy_size="mini", reward_size="medium")
     text = markdown(records, s, args, {"cpu": "test cpu", "cores": 2})
-    assert "saved 0.600 s (+20.0%)" in text and "SHARED" in text
+    assert "saved 0.600 s (+20.0%)" in text and "1-minute load average" in text and "--reward-size medium" in text
