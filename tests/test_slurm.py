@@ -6,8 +6,7 @@ daemons in the foreground as children of the test (munged as the munge user), an
   reference and a run that gets `scancel --signal=USR1 --batch` mid-run. The signalled job must checkpoint, requeue
   itself, resume from that checkpoint, finish its steps and end with the reference's weights.
 - two nodes (two slurmd on this host, `slurmd -N node1` / `-N node2`): `slurm/ppo_multi_node.sbatch` (1 process per
-  node, each machine with its own reward scorer) next to the single-node script with 2 processes; both must train
-  to the same weights.
+  node, each machine with its own reward scorer); the ranks must stay in lock-step and train.
 Everything is stopped afterwards and no process of the test may be left.
 """
 
@@ -331,12 +330,12 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_multi_node_sbatch_script_trains_on_two_nodes_as_one_machine_would(test_models, tmp_path):
-    """slurm/ppo_multi_node.sbatch on two SLURM nodes (two slurmd on this host), submitted next to
-    slurm/ppo_single_node.sbatch with 2 processes on one node (ZeRO-2, the same world size). In the two-node job one
-    srun task per node runs detoxrl-launch with that node's machine rank, each machine starts its own reward scorer,
-    and both ranks end with the same weights, which equal the one-node job's (per-rank scorer batching keeps the
-    scores those of one scorer serving both ranks)."""
+def test_multi_node_sbatch_script_trains_on_two_nodes(test_models, tmp_path):
+    """slurm/ppo_multi_node.sbatch on two SLURM nodes (two slurmd on this host), ZeRO-2: one srun task per node runs
+    detoxrl-launch with that node's machine rank and node1's NodeAddr, each machine starts its own reward scorer,
+    both ranks end with the same weights and the policy trained. (That two machines equal one machine of the same
+    world size, bitwise, is tests/test_accelerate_configs.py's check of the same launcher commands; a one-node job
+    next to this one equalled it too when it was added, at twice the CPU time.)"""
     with local_cluster(2, tmp_path) as cluster:
         t0 = time.monotonic()
         # the CoLA term alone (one scorer per machine: fewer processes on a small machine), on scorers
@@ -345,8 +344,7 @@ def test_multi_node_sbatch_script_trains_on_two_nodes_as_one_machine_would(test_
         jobs = {}
         for name, script, settings in (
                 ("two", REPO / "slurm" / "ppo_multi_node.sbatch",  # STRATEGY: the script's multi_node
-                 {"PROCS_PER_NODE": "1", "DETOXRL_DEBUG_DIR": str(tmp_path / "two" / "debug")}),
-                ("one", SBATCH, {"STRATEGY": "zero2", "PROCS_PER_NODE": "2"})):
+                 {"PROCS_PER_NODE": "1", "DETOXRL_DEBUG_DIR": str(tmp_path / "two" / "debug")}),):
             out = tmp_path / name
             out.mkdir()
             overrides = [*_tiny_overrides(test_models, out / "run"), f"run.total_steps={MULTI_STEPS}", *scorers]
@@ -356,18 +354,17 @@ def test_multi_node_sbatch_script_trains_on_two_nodes_as_one_machine_would(test_
         end = time.monotonic() + 240
         while not all(_ended(cluster, j) for j in jobs.values()):
             if time.monotonic() > end:
-                raise TimeoutError(f"waited 240 s for both jobs\n{_job_log(tmp_path / 'two')[-4000:]}\n"
-                                   f"{_job_log(tmp_path / 'one')[-2000:]}\n{cluster.logs()}")
+                raise TimeoutError(f"waited 240 s for the job\n{_job_log(tmp_path / 'two')[-4000:]}\n"
+                                   f"{cluster.logs()}")
             time.sleep(0.2)
-        print(f"both jobs done in {time.monotonic() - t0:.1f} s")
+        print(f"the job was done in {time.monotonic() - t0:.1f} s")
         log = _job_log(tmp_path / "two")
         job = cluster.job(jobs["two"])
         assert (job["JobState"], job["NodeList"], job["NumNodes"]) == ("COMPLETED", "node[1-2]", "2"), log[-4000:]
-        assert cluster.job(jobs["one"])["JobState"] == "COMPLETED", _job_log(tmp_path / "one")[-4000:]
         for rank, node in ((0, "node1"), (1, "node2")):                                 # one srun task per node
             assert f"{node}] node {rank} of 2: detoxrl-launch --strategy multi_node" in log
             assert f"--nodes 2 --machine-rank {rank} --main-address 127.0.0.1 " in log    # node1's NodeAddr
-    two, one = tmp_path / "two" / "run", tmp_path / "one" / "run"
+    two = tmp_path / "two" / "run"
     info = json.loads((two / "run_info.json").read_text())
     assert (info["num_machines"], info["world_size"], info["local_world_size"]) == (2, 2, 1)
     assert (info["distributed_type"], info["zero_stage"]) == ("DEEPSPEED", 2)
@@ -381,11 +378,4 @@ def test_multi_node_sbatch_script_trains_on_two_nodes_as_one_machine_would(test_
     final = _final(two)
     lora_b = [v for k, v in final.items() if "lora_B" in k]                           # LoRA starts B at zero
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)                           # the policy moved
-    alone = json.loads((one / "run_info.json").read_text())
-    assert (alone["num_machines"], alone["world_size"], alone["zero_stage"]) == (1, 2, 2)
-    assert [(s["machine"], s["scorer"]) for s in alone["scorers"]] == [(0, 0)]
-    want = _final(one)
-    assert want.keys() == final.keys() and all(torch.equal(want[k], final[k]) for k in want)
-    timeless = [[{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/"))}
-                 for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
-    assert timeless[0] == timeless[1]
+
