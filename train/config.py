@@ -270,7 +270,7 @@ class PPOConfig:
     """Run the policy's forward passes of the PPO step (old log-probs and values, the shared reference's log-probs,
     the update's forward and backward; not sampling, see generation.compile) through `torch.compile` (inductor).
     It pays where Python and kernel-launch overhead dominate, small models over many steps: on the CPU the tiny T5
-    preset's update ran 1.7x faster (benchmarks/RESULTS.md). The first steps pay the compile (tens of seconds on a
+    preset's update ran about 1.5x faster (benchmarks/RESULTS.md). The first steps pay the compile (tens of seconds on a
     CPU) and new shapes a recompile, so short runs lose. Not under DeepSpeed ZeRO-3 or with policy.quantization
     (the run then stays eager and logs why); a reference copy (reference.mode: copy) stays eager."""
     bucket_by_length: bool = True

@@ -348,14 +348,8 @@ def evaluate_heldout(t: Trainer, progress: Progress, when: str) -> dict[str, Any
                                                            held.texts[:n], t.reward, t.cfg, t.device, synced,
                                                            t.judges)
     except ScorerError as err:  # every rank of the machine gets it (they share the scorer): say what is on disk
-        done = progress.step
-        path = ckpt.step_dir(t.out / "checkpoints", done)
-        kept = f"the trained policy is in {t.out / 'final'} and its checkpoint in {path}; run the same command " \
-               f"again to redo only the evaluation" if when == "after" and ckpt.is_valid(path) is None else \
-            f"the trained policy is in {t.out / 'final'} (detoxrl-eval can evaluate it)" if when == "after" else \
-            f"no step ran; run the same command again" if done == 0 else \
-            f"run the same command again to resume from step {done}"
-        raise ScorerError(f"{err} (in the held-out evaluation {when} training); {kept}") from None
+        raise ScorerError(f"{err} (in the held-out evaluation {when} training); {on_disk(t, progress.step, when)}") \
+            from None
     if when == "before":
         log.info("held-out toxicity before training: %.4f (mean reward %.4f, %d prompts x %d samples)",
                  progress.evaluation["before"]["toxicity_mean"], progress.evaluation["before"]["reward_mean"], n,
@@ -363,6 +357,19 @@ def evaluate_heldout(t: Trainer, progress: Progress, when: str) -> dict[str, Any
         if t.is_main:  # on disk now: a run stopped early (signal, alarm) still has its starting point
             write_json(t.out / "eval_before_after.json", progress.evaluation)
     return progress.evaluation[when]
+
+
+def on_disk(t: Trainer, done: int, when: str) -> str:
+    """What a failed held-out evaluation leaves, and how to go on."""
+    if when == "after":
+        path = ckpt.step_dir(t.out / "checkpoints", done)
+        if ckpt.is_valid(path) is None:
+            return (f"the trained policy is in {t.out / 'final'} and its checkpoint in {path}; run the same command "
+                    f"again to redo only the evaluation")
+        return f"the trained policy is in {t.out / 'final'} (detoxrl-eval can evaluate it)"
+    if done == 0:
+        return "no step ran; run the same command again"
+    return f"run the same command again to resume from step {done}"
 
 
 def finish(t: Trainer, progress: Progress, start_step: int, logger: RunLogger,
