@@ -91,6 +91,41 @@ def test_old_logprobs_reuse_the_rollouts_encoder_states(test_models, engine, mod
     assert _generate(causal, load_tokenizer(str(test_models["gpt2"]), "causal"), engine, 0).encoder_states is None
 
 
+@pytest.mark.parametrize("engine", ["hf", "static"])
+@pytest.mark.parametrize("family,mode", [("t5", "shared"), ("gpt2", "detached"), ("t5", "adapter")])
+def test_rollout_logprobs_equal_the_old_logprob_pass(test_models, engine, family, mode):
+    """ppo.rollout_logprobs: the log-probs and values kept from sampling equal what the old log-prob pass computes
+    (float tolerance: incremental decoding against the teacher-forced pass), on two generation chunks whose rows
+    stopped at EOS at different steps, k = 2 responses per prompt; the adapter critic's values take its own pass."""
+    from detoxrl.train.experience import forward_in_chunks, old_logprobs_and_values
+
+    policy = critic_policy(test_models, mode, family)
+    perturb_lora(policy, 0.3)
+    torch.nn.init.normal_(policy.v_head.weight, std=0.1)
+    tok = load_tokenizer(str(test_models[family]), policy.kind)
+    base = policy.lm.get_base_model()
+    with torch.no_grad():  # EOS likelier, so that rows stop at different steps
+        base.get_output_embeddings().weight[tok.eos_token_id].mul_(4.0)
+    gen = GenerationConfig(engine=engine, compile="never", static_pad_multiple=16, rollout_batch_size=2, **SETTINGS)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    rollouts = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        rollouts.append(generate_rollouts(policy, prompts, tok, gen, SETTINGS["max_new_tokens"], CPU, k=2,
+                                          keep_logprobs=keep, keep_hidden=keep and mode != "adapter"))
+    plain, kept = rollouts
+    assert plain.logprobs is None and kept.logprobs.shape == kept.response_ids.shape
+    assert torch.equal(plain.response_ids, kept.response_ids)  # keeping them does not change what is sampled
+    lengths = kept.response_mask.sum(1)
+    assert lengths.min() < lengths.max()
+    live = kept.response_mask.bool()
+    recomputed = forward_in_chunks(policy, plain, 8, SETTINGS["temperature"], group=2)
+    from_sampling = old_logprobs_and_values(policy, kept, 8, SETTINGS["temperature"], group=2)
+    for a, b in zip(from_sampling, recomputed):
+        torch.testing.assert_close(a[live], b[live], rtol=1e-5, atol=1e-5)
+    assert from_sampling[1][live].abs().min() > 0  # the value head does contribute
+
+
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_static_engine_logits_match_hf_at_every_step(test_models, family):
     """generate()'s own per-step logits: static == hf, and both == the trainer's teacher-forced forward pass."""
@@ -170,8 +205,9 @@ def test_compiled_static_engine_on_gpu(test_models, family):
 
 
 def test_a_run_with_the_static_engine_equals_the_hf_run(demo_assets, tmp_path):
-    """End to end (the demo toy, 2 steps, k=2 responses per prompt): the same rewards, losses and final adapter as
-    the default engine, bitwise (eager on the CPU both sample the same tokens from the same seed)."""
+    """End to end (the demo toy with a critic, 2 steps, k=2 responses per prompt): the same rewards, losses and final adapter as
+    the default engine, bitwise (eager on the CPU both sample the same tokens from the same seed); with
+    ppo.rollout_logprobs the same within float tolerance."""
     from safetensors.torch import load_file
 
     from detoxrl.train.config import load_config
@@ -180,15 +216,24 @@ def test_a_run_with_the_static_engine_equals_the_hf_run(demo_assets, tmp_path):
     from test_train import RECIPES
 
     runs = {}
-    for engine in ("hf", "static"):
+    for name, engine, kept in (("hf", "hf", False), ("static", "static", False), ("kept", "static", True)):
         cfg = load_config(RECIPES / "demo.yaml", [
-            f"run.output_dir={tmp_path / engine}", f"policy.model={demo_assets['policy']}",
+            f"run.output_dir={tmp_path / name}", f"policy.model={demo_assets['policy']}",
             f"reward.terms.0.model={demo_assets['reward']}", f"data.dataset={demo_assets['data']}",
             "run.total_steps=2", "ppo.k=2", f"generation.engine={engine}", "logging.progress_bar=false",
+            f"ppo.rollout_logprobs={str(kept).lower()}", "ppo.estimator=gae",  # a critic: values kept too
             "logging.tensorboard=false", "evaluation.before_after=false", "checkpoint.every_steps=0", "judges=[]"])
-        runs[engine] = train(cfg).metrics
+        runs[name] = train(cfg).metrics
     for key in ("env/reward_mean", "ppo/loss/total", "env/response_length_mean"):
         assert [m[key] for m in runs["static"]] == [m[key] for m in runs["hf"]], key
-    a = load_file(str(tmp_path / "hf" / "final" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "static" / "final" / "adapter_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    adapters = {name: load_file(str(tmp_path / name / "final" / "adapter_model.safetensors")) for name in runs}
+    assert all(torch.equal(adapters["hf"][k], adapters["static"][k]) for k in adapters["hf"])
+    # ppo.rollout_logprobs: the same samples, the old log-probs and values from the sampling pass (equal up to
+    # float rounding), so the same losses within float tolerance and an adapter within 1e-5 (Adam divides
+    # the rounding differences of the gradients by their scale: each step moves a weight by up to lr = 3e-4)
+    assert runs["kept"][0]["env/reward_mean"] == runs["static"][0]["env/reward_mean"]
+    assert runs["kept"][0]["time/old_logprobs"] < runs["static"][0]["time/old_logprobs"]
+    for key in ("ppo/loss/total", "ppo/loss/value", "objective/kl"):
+        assert [m[key] for m in runs["kept"]] == pytest.approx([m[key] for m in runs["static"]], abs=1e-5)
+    for k in adapters["hf"]:
+        torch.testing.assert_close(adapters["kept"][k], adapters["static"][k], rtol=1e-4, atol=1e-5)

@@ -273,6 +273,15 @@ class PPOConfig:
     preset's update ran about 1.5x faster (benchmarks/RESULTS.md). The first steps pay the compile (tens of seconds on a
     CPU) and new shapes a recompile, so short runs lose. Not under DeepSpeed ZeRO-3 or with policy.quantization
     (the run then stays eager and logs why); a reference copy (reference.mode: copy) stays eager."""
+    rollout_logprobs: bool = False
+    """Take the old log-probs (and the shared or detached critic's values) from the sampling pass: generate() hands
+    back each step's logits and last hidden state, so the PPO step runs no old-log-prob forward pass of its own
+    (critic.mode=adapter still runs its critic adapter's pass for the values). The same model computed them on the
+    same weights, so they equal the recomputed ones up to float rounding: incremental decoding and the teacher-forced
+    pass add up in different orders (float32: about 1e-6 apart; bf16 further, so the first mini-batch's ratio is
+    not exactly 1). Memory: a rollout chunk's logits (generation.rollout_batch_size x k x new tokens x vocabulary
+    floats) are held until its generate() returns. False (the default): recomputed, bitwise-reproducible across
+    generation chunk sizes and process counts."""
     bucket_by_length: bool = True
     """Length buckets: each mini-batch's rows are sorted by length before they are cut into micro-batches, and every
     micro-batch (and every chunk of the gradient-free reference and old-log-prob passes, whose rows are sorted the

@@ -76,16 +76,28 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 
 def sample_responses(policy, prompts: list[list[int]], tokenizer, gen: GenerationConfig, max_new_tokens: int,
                      device: torch.device, synced_gpus: bool = False, k: int = 1,
-                     seed: Optional[int] = None) -> tuple[Rollout, list[str]]:
+                     seed: Optional[int] = None, keep: tuple[bool, bool] = (False, False)) -> tuple[Rollout, list[str]]:
     """Sample `k` responses per prompt (rollout.generate_rollouts) and decode them. With `seed`, sampled from that
-    seed inside a forked RNG, so the caller's random streams are left as they were (evaluation)."""
+    seed inside a forked RNG, so the caller's random streams are left as they were (evaluation). `keep`: whether
+    the rollout keeps the sampling pass's (log-probs, last hidden states) (`kept_from_rollout`)."""
+    def run() -> Rollout:
+        return generate_rollouts(policy, prompts, tokenizer, gen, max_new_tokens, device, synced_gpus, k=k,
+                                 keep_logprobs=keep[0], keep_hidden=keep[1])
+
     if seed is None:
-        rollout = generate_rollouts(policy, prompts, tokenizer, gen, max_new_tokens, device, synced_gpus, k=k)
+        rollout = run()
     else:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            rollout = generate_rollouts(policy, prompts, tokenizer, gen, max_new_tokens, device, synced_gpus, k=k)
+            rollout = run()
     return rollout, decode_responses(tokenizer, rollout)
+
+
+def kept_from_rollout(cfg: Config, critic_mode: str) -> tuple[bool, bool]:
+    """ppo.rollout_logprobs: what the rollout keeps from sampling, (log-probs, last hidden states): the hidden
+    states when a value head on the policy's own states needs them (GAE, critic.mode shared or detached)."""
+    keep = cfg.ppo.rollout_logprobs
+    return keep, keep and cfg.ppo.estimator == "gae" and critic_mode != "adapter"
 
 
 @dataclass
@@ -164,6 +176,27 @@ def forward_in_chunks(policy, rollout: Rollout, chunk: int, temperature: float, 
     with torch.no_grad():
         logp, values = in_chunks(one, rollout, chunk, group, bucket)
     return logp, values
+
+
+def old_logprobs_and_values(policy, rollout: Rollout, chunk: int, temperature: float, want_values: bool = True,
+                            group: int = 1, bucket: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4's old log-probs and values (B, T): those the sampling pass kept (ppo.rollout_logprobs; the adapter
+    critic's values then take its own pass), or a forward pass now (`forward_in_chunks`)."""
+    if rollout.logprobs is None:
+        return forward_in_chunks(policy, rollout, chunk, temperature, want_values, group, bucket)
+    logp = rollout.logprobs
+    if not want_values:
+        return logp, torch.zeros_like(logp)
+    if rollout.last_hidden is not None:
+        with torch.no_grad():
+            return logp, getattr(policy, "module", policy).value_of(rollout.last_hidden)
+
+    def critic_only(prompt_ids, prompt_mask, response_ids, _):
+        return (policy(prompt_ids, prompt_mask, response_ids, want_values=True, group=group,
+                       want_logits=False)[1].float(),)
+
+    with torch.no_grad():
+        return logp, in_chunks(critic_only, rollout, chunk, group, bucket)[0]
 
 
 def reference_in_chunks(policy, reference, rollout: Rollout, chunk: int, temperature: float, forward=None,

@@ -39,8 +39,8 @@ from detoxrl.train.atomic import atomic_directory
 from detoxrl.train.build import Progress, Trainer, build_trainer
 from detoxrl.train.config import Config, config_hash
 from detoxrl.train.distributed import any_rank, describe, gathered_trainable, generation_weights, sum_reducer
-from detoxrl.train.experience import (Experience, advantages_and_returns, draw_max_new_tokens, forward_in_chunks,
-                                      sample_responses, shaped_scores)
+from detoxrl.train.experience import (Experience, advantages_and_returns, draw_max_new_tokens, kept_from_rollout,
+                                      old_logprobs_and_values, sample_responses, shaped_scores)
 from detoxrl.train.heldout import compare_before_after, heldout_evaluation
 from detoxrl.train.judges import judge_step, submit_reward_toxicity
 from detoxrl.train.metrics import global_kl, step_metrics
@@ -131,7 +131,8 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
                                                         cfg.generation.zero3_gather_weights) as synced:
             rollout, responses = sample_responses(t.unwrapped, [prompts.input_ids[i] for i in idx],
                                                   t.inputs.tokenizer, cfg.generation, draw_max_new_tokens(cfg, step),
-                                                  t.device, synced, k=k)
+                                                  t.device, synced, k=k,
+                                                  keep=kept_from_rollout(cfg, t.unwrapped.critic_mode))
         mask = rollout.response_mask.float()
 
         # 3. reward and 4. reference log-probs: sent to the scorers, which compute them while this rank computes
@@ -142,10 +143,10 @@ def run_steps(t: Trainer, progress: Progress, stop: StopRequest, logger: RunLogg
         with timer("time/reference"):
             ref_job = submit_reference_logprobs(t.unwrapped, t.reference, rollout, temp, policy, k,
                                                 cfg.generation.rollout_batch_size * k, cfg.ppo.bucket_by_length)
-        with timer("time/old_logprobs"):
-            old_logp, old_values = forward_in_chunks(policy, rollout, cfg.generation.rollout_batch_size * k, temp,
-                                                     want_values=cfg.ppo.estimator == "gae", group=k,
-                                                     bucket=cfg.ppo.bucket_by_length)
+        with timer("time/old_logprobs"):  # or kept from sampling (ppo.rollout_logprobs)
+            old_logp, old_values = old_logprobs_and_values(policy, rollout, cfg.generation.rollout_batch_size * k,
+                                                           temp, want_values=cfg.ppo.estimator == "gae", group=k,
+                                                           bucket=cfg.ppo.bucket_by_length)
         (raw_scores, term_scores), reward_tox, ref_logp = wait_for_scorers(t, progress, logger, step_start, timer,
                                                                            reward_job, tox_job, ref_job)
         scores = shaped_scores(cfg, raw_scores, rollout.ended, progress.moments, reduce_fn, t.device)

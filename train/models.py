@@ -245,15 +245,18 @@ class PolicyWithValue(nn.Module):
         self._lm_forward = torch.compile(lm_forward, backend=backend)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                want_values: bool = True, group: int = 1,
-                encoder_states: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                want_values: bool = True, group: int = 1, encoder_states: Optional[torch.Tensor] = None,
+                want_logits: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Logits (B, T, V) predicting each response token, and values (B, T) of the state before it (None unless
         `want_values`). `group`, `encoder_states`: see `lm_forward` (passes without gradients only; the states are
-        the policy adapter's, so the critic adapter's pass encodes afresh)."""
+        the policy adapter's, so the critic adapter's pass encodes afresh). `want_logits=False` with the adapter
+        critic: its pass alone (logits None)."""
         separate = self.critic_mode == "adapter"
-        # the policy's pass runs with whatever is active: the policy adapter, or the reference in reference_mode
-        logits, hidden = self._lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids,
-                                          want_values and not separate, group, encoder_states=encoder_states)
+        logits = hidden = None
+        if want_logits or not separate:
+            # the policy's pass runs with whatever is active: the policy adapter, or the reference in reference_mode
+            logits, hidden = self._lm_forward(self.lm, self.kind, prompt_ids, prompt_mask, response_ids,
+                                              want_values and not separate, group, encoder_states=encoder_states)
         values = None
         if want_values:
             if separate:
@@ -262,9 +265,13 @@ class PolicyWithValue(nn.Module):
                                                  group, want_logits=False)
             elif self.critic_mode == "detached":  # the value loss then trains the head only, never the LoRA layers
                 hidden = hidden.detach()
-            # the head is float32, except under DeepSpeed bf16/fp16, which casts the whole module
-            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+            values = self.value_of(hidden)
         return logits, values
+
+    def value_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on last hidden states (..., d) -> (...) float32."""
+        # the head is float32, except under DeepSpeed bf16/fp16, which casts the whole module
+        return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[None]:

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from detoxrl.train.config import GenerationConfig
 from detoxrl.train.models import PolicyWithValue
+from detoxrl.train.ppo_math import logprobs_from_logits
 
 log = logging.getLogger("detoxrl.models")
 
@@ -45,6 +46,10 @@ class Rollout:
     # seq2seq: the policy encoder's last hidden state (B, P, d) of each row's prompt, computed once for sampling
     # and reused by the old log-prob pass (the weights have not changed in between); None for causal policies
     encoder_states: Optional[torch.Tensor] = None
+    # ppo.rollout_logprobs: the sampling pass's log-probs (B, T) of the sampled tokens (at generation.temperature)
+    # and, for a value head on the policy, its last hidden state (B, T, d) before each token; None otherwise
+    logprobs: Optional[torch.Tensor] = None
+    last_hidden: Optional[torch.Tensor] = None
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,19 +227,40 @@ def pad_for_engine(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, left: boo
     return (torch.nn.functional.pad(ids, pad, value=pad_id), torch.nn.functional.pad(mask, pad, value=0))
 
 
+def _pad_columns(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T', ...) -> (B, length, ...), zeros on the right (float tensors: log-probs, hidden states)."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]))
+
+
+def kept_from_sampling(out, kind: str, response: torch.Tensor, temperature: float,
+                       keep_hidden: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """ppo.rollout_logprobs: from generate()'s per-step raw logits (before any logits processor) the log-probs of
+    the sampled tokens, (B, T); with `keep_hidden` the last hidden state at each step's newest position, (B, T, d)
+    (the causal prefill step holds the whole prompt: its last column is the position that predicts token 1)."""
+    logp = logprobs_from_logits(torch.stack(out.logits, dim=1), response, temperature).float()
+    if not keep_hidden:
+        return logp, None
+    steps = out.decoder_hidden_states if kind == "seq2seq" else out.hidden_states
+    return logp, torch.cat([layers[-1][:, -1:] for layers in steps], dim=1)
+
+
 def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
                       gen: GenerationConfig, max_new_tokens: int, device: torch.device,
-                      synced_gpus: bool = False, k: int = 1) -> Rollout:
+                      synced_gpus: bool = False, k: int = 1, keep_logprobs: bool = False,
+                      keep_hidden: bool = False) -> Rollout:
     """Batched sampling in chunks of `gen.rollout_batch_size` prompts, `k` responses per prompt (rows
     `i*k .. i*k+k-1` answer prompt i). seq2seq encodes each prompt once (generate() expands the encoder outputs k
-    times); causal prompts are repeated. Returns one padded Rollout for all responses."""
+    times); causal prompts are repeated. Returns one padded Rollout for all responses; with `keep_logprobs` (and
+    `keep_hidden`) it also holds the sampling pass's log-probs (and last hidden states), `kept_from_sampling`."""
     lm = policy.lm
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     left = policy.kind == "causal"
     plan = plan_engine(lm, gen, device, synced_gpus)
     longest_prompt = _round_up(max(len(p) for p in prompts), gen.static_pad_multiple)
     hf_gen = hf_generation_config(lm, tokenizer, gen, max_new_tokens, k, plan, left, longest_prompt)
-    chunks_ids, chunks_resp, chunks_enc = [], [], []
+    chunks_ids, chunks_resp, chunks_enc, chunks_kept = [], [], [], []
+    if keep_logprobs:
+        hf_gen.update(return_dict_in_generate=True, output_logits=True, output_hidden_states=keep_hidden)
     with torch.no_grad(), _own_config_only(lm):
         for start in range(0, len(prompts), gen.rollout_batch_size):
             chunk = prompts[start:start + gen.rollout_batch_size]
@@ -249,11 +275,15 @@ def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokeniz
                 chunks_enc.append(enc.repeat_interleave(k, dim=0))
             out = lm.generate(input_ids=gen_ids, attention_mask=gen_mask, generation_config=hf_gen,
                               synced_gpus=synced_gpus, **extra)
+            seqs = out.sequences if keep_logprobs else out
             if k > 1:
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
-            resp = out[:, 1:] if policy.kind == "seq2seq" else out[:, gen_ids.shape[1]:]
+            resp = seqs[:, 1:] if policy.kind == "seq2seq" else seqs[:, gen_ids.shape[1]:]
             chunks_ids.append((ids, mask))
             chunks_resp.append(resp)
+            if keep_logprobs:
+                chunks_kept.append(kept_from_sampling(out, policy.kind, resp, gen.temperature, keep_hidden))
+                del out  # the chunk's (rows, T, V) logits
     P = max(i.shape[1] for i, _ in chunks_ids)
     T = max(r.shape[1] for r in chunks_resp)
     prompt_ids, prompt_mask = [], []
@@ -269,6 +299,8 @@ def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokeniz
     resp_mask, response, ended = mask_after_eos(response, eos_id, pad_id)
     if resp_mask.shape[1] == 0:
         raise RuntimeError("generation returned no tokens")
-    encoder_states = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, P - e.shape[1])) for e in chunks_enc]) \
-        if chunks_enc else None
-    return Rollout(torch.cat(prompt_ids), torch.cat(prompt_mask), response, resp_mask, ended, encoder_states)
+    encoder_states = torch.cat([_pad_columns(e, P) for e in chunks_enc]) if chunks_enc else None
+    logprobs = torch.cat([_pad_columns(lp, T) for lp, _ in chunks_kept]) if keep_logprobs else None
+    hidden = torch.cat([_pad_columns(h, T) for _, h in chunks_kept]) if keep_logprobs and keep_hidden else None
+    return Rollout(torch.cat(prompt_ids), torch.cat(prompt_mask), response, resp_mask, ended, encoder_states,
+                   logprobs, hidden)
