@@ -385,3 +385,34 @@ def test_compiled_ppo_passes_match_eager(test_models):
     for name, g in eager[2].items():
         torch.testing.assert_close(compiled[2][name], g, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.equal(eager[0], eager[3])  # the reference pass really ran without the adapter
+
+
+def test_compiled_loss_maths_match_eager():
+    """ppo.compile also compiles the loss maths after the forward (update.loss_maths): the same loss, statistics and
+    gradients with every term on (clipped policy and value losses, entropy bonus, KL loss term, a temperature),
+    and a second step's other KL coefficient does not go stale in the graph. Traced with aot_eager."""
+    from detoxrl.train.experience import Experience
+    from detoxrl.train.update import LossTerms, compiled_loss_maths, loss_maths
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 5, 11
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    values = torch.randn(B, T, generator=g, requires_grad=True)
+    resp = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.tensor([[5], [2], [4]])).float()
+    old = torch.randn(B, T, generator=g) - 2.0
+    mb = Experience(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1), resp, mask, old, torch.randn(B, T,
+                    generator=g), torch.randn(B, T, generator=g), torch.randn(B, T, generator=g), old - 0.1)
+
+    def run(fn, kl_coef):
+        logits.grad = values.grad = None
+        loss, stats = fn(logits, values, mb, 0.2, 0.01, 0.5, 0.7, LossTerms(value_clip=0.2, kl_coef=kl_coef))
+        loss.backward()
+        return [loss.detach(), *(stats[k].detach() for k in sorted(stats)), logits.grad.clone(), values.grad.clone()]
+
+    compiled = compiled_loss_maths("aot_eager")
+    for kl_coef in (0.1, 0.3):
+        eager, traced = run(loss_maths, kl_coef), run(compiled, kl_coef)
+        for a, b in zip(eager, traced):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert run(loss_maths, 0.1)[0] != run(loss_maths, 0.3)[0]

@@ -175,7 +175,7 @@ def compile_policy(cfg: Config, accelerator, policy: PolicyWithValue) -> None:
     why = "DeepSpeed ZeRO-3 gathers the weights in module hooks" if zero_stage(accelerator) == 3 else \
         "policy.quantization (bitsandbytes layers)" if cfg.policy.quantization else None
     if why:
-        log.warning("ppo.compile: the PPO passes stay eager: %s", why)
+        log.warning("ppo.compile: the policy's passes stay eager (the loss maths are compiled): %s", why)
         return
     policy.compile_forward()
     log.info("ppo.compile: the PPO step's forward passes run through torch.compile (the first steps compile)")

@@ -2,13 +2,15 @@
 equivalence test calls it on a fixed batch).
 
     loss_terms        what this step's loss is made of (critic or not, value clip, warm-up, KL loss, aggregation)
-    micro_batch_loss  clipped policy loss + value loss - entropy bonus [+ KL loss] of one micro-batch
+    micro_batch_loss  clipped policy loss + value loss - entropy bonus [+ KL loss] of one micro-batch: the policy's
+                      forward, then loss_maths on its outputs (through torch.compile with ppo.compile)
     micro_batches     a mini-batch's rows cut into micro-batches (length-sorted with ppo.bucket_by_length)
     ppo_update        epochs x shuffled mini-batches x accumulated micro-batches, every rank in lock-step
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -60,15 +62,30 @@ def micro_batch_loss(policy, batch: Experience, ids: torch.Tensor, ppo: PPOConfi
     `ppo.bucket_by_length` the rows' unused padding columns are cut first."""
     mb = rows_of(batch, ids, ppo.bucket_by_length)
     logits, values = policy(mb.prompt_ids, mb.prompt_mask, mb.response_ids, want_values=terms.value)
+    maths = compiled_loss_maths() if ppo.compile else loss_maths
+    return maths(logits, values, mb, ppo.clip_range, ppo.entropy_coef, ppo.vf_coef, temperature, terms)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_loss_maths(backend: str = "inductor") -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """ppo.compile: `loss_maths` through torch.compile, its elementwise work fused, forward and backward (pure
+    tensor maths on the policy's outputs, so it compiles under ZeRO-3 and quantization too). Tests: "aot_eager"."""
+    return torch.compile(loss_maths, backend=backend)
+
+
+def loss_maths(logits: torch.Tensor, values: Optional[torch.Tensor], mb: Experience, clip_range: float,
+               entropy_coef: float, vf_coef: float, temperature: float,
+               terms: LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`micro_batch_loss` from the policy's logits and values on the rows `mb`."""
     m = mb.mask
     agg, const = terms.aggregation, terms.norm_constant
     logp = logprobs_from_logits(logits, mb.response_ids, temperature).float()
-    pg_loss, pg_stats = policy_loss(logp, mb.old_logp, mb.advantages, m, ppo.clip_range, agg, const)
+    pg_loss, pg_stats = policy_loss(logp, mb.old_logp, mb.advantages, m, clip_range, agg, const)
     policy_weight = 1.0 if terms.policy else 0.0  # a zero weight keeps the policy's parameters in the graph (DDP)
     # the entropy of the distribution sampled from (tempered); without gradients when it is only logged
-    with torch.enable_grad() if ppo.entropy_coef and terms.policy else torch.no_grad():
+    with torch.enable_grad() if entropy_coef and terms.policy else torch.no_grad():
         entropy = aggregate_loss(entropy_from_logits(logits.float() / temperature), m, agg, const)
-    loss = policy_weight * (pg_loss - ppo.entropy_coef * entropy)
+    loss = policy_weight * (pg_loss - entropy_coef * entropy)
     stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg_stats["clipfrac"],
              "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"]}
     if terms.kl_coef > 0:
@@ -77,7 +94,7 @@ def micro_batch_loss(policy, batch: Experience, ids: torch.Tensor, ppo: PPOConfi
         stats["kl_loss"] = kl_loss
     if terms.value:
         vf_loss, vf_stats = value_loss(values.float(), mb.old_values, mb.returns, m, terms.value_clip, agg, const)
-        loss = loss + ppo.vf_coef * vf_loss
+        loss = loss + vf_coef * vf_loss
         stats.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
     stats["loss"] = loss
     return loss, stats
