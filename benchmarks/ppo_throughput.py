@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -258,6 +259,9 @@ def run_ours_in_process(recipe: Path, overrides: list[str], warmup: int, batch: 
     from detoxrl.train.loop import train
 
     cuda = torch.cuda.is_available()
+    # each system compiles as if it ran alone: Dynamo's caches (per code object) would otherwise carry the batch-1
+    # baseline's shapes into the next round's run and mark its dimensions dynamic
+    torch._dynamo.reset()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -569,6 +573,12 @@ def markdown_section(records: list[dict], header: dict[str, Any]) -> str:
             loads.append(f"`{r['config']}`: " + ", ".join(parts))
     if loads:
         lines += ["", "1-minute load average when each system started: " + "; ".join(loads) + "."]
+    for r in records:
+        for n, x in r.get("ratio_rounds", {}).items():
+            ours = [q["samples_per_s"] for q in r["rounds"]]
+            lines += ["", f"`{r['config']}` against {n}, {x['n']} paired rounds (the table shows the first): ratios "
+                      + ", ".join(f"{v:.2f}x" for v in x["ratios"]) + f"; **median {x['median']:.2f}x** (range "
+                      f"{x['min']:.2f}-{x['max']:.2f}x); ours {min(ours):.2f}-{max(ours):.2f} samples/s."]
     study = [r for r in records if r.get("memory_study")]
     if study and any(r.get("status") == "ok" for r in study):
         order = ["large", "xl", "xxl"]
@@ -674,6 +684,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                 epilog="presets:\n" + describe_presets())
     p.add_argument("--preset", choices=sorted(PRESETS), help="which configurations to measure")
     p.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per system (default 3)")
+    p.add_argument("--repeats", type=int, default=1, help="paired rounds per configuration (each: ours, then the "
+                   "baselines); the table shows the first, the text below it every round's ratio, median and range")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up iterations per system (default 1)")
     p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {','.join(BASELINES)} ('' for "
                    "none; default all; each runs only where the configuration lists it)")
@@ -704,6 +716,26 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
     return args
+
+
+def with_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """`--repeats`: the first round's record, plus each round's throughput and every baseline's ratio per round
+    (each round runs ours, then the baselines, back to back: paired rounds, so a drift in the machine's speed
+    between rounds cancels in each ratio) with their median and range."""
+    rec = dict(rounds[0])
+    if len(rounds) == 1:
+        return rec
+    rec["rounds"] = [{"samples_per_s": r.get("samples_per_s"), "load_before": r.get("load_before"),
+                      "baselines": {n: {"samples_per_s": x.get("samples_per_s"), "ratio": x.get("ratio")}
+                                    for n, x in r.get("baselines", {}).items() if x.get("status") == "ok"}}
+                     for r in rounds]
+    names = [n for n in rec.get("baselines", {}) if all(n in r["baselines"] for r in rec["rounds"])]
+    rec["ratio_rounds"] = {}
+    for n in names:
+        ratios = [r["baselines"][n]["ratio"] for r in rec["rounds"]]
+        rec["ratio_rounds"][n] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios),
+                                  "max": max(ratios), "n": len(ratios)}
+    return rec
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -745,7 +777,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "warmup": args.warmup, "iterations": args.iterations}
     records = []
     for b in benches:
-        rec = measure(b, args, log)
+        rec = with_rounds([measure(b, args, log) for _ in range(args.repeats)])
         rec.update(machine=header["machine"], versions=header["versions"], date=header["date"],
                    command=header["command"], load_average=load_average())
         records.append(rec)

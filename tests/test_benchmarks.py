@@ -174,6 +174,18 @@ def test_summary_and_markdown_from_step_metrics():
     row = next(line for line in md.splitlines() if line.startswith("| x |"))
     assert "| 2.00 |" in row and "| 4.00x |" in row and "generate (50%)" in row and "unavailable" in row
     assert "no network" in md and "load average" in md
+    # --repeats: paired rounds, each ratio from its own round; the median and range of the ratios
+    rounds = [rec, {**rec, "samples_per_s": 3.0, "baselines": {
+        "seeds": {"status": "ok", "samples_per_s": 1.0, "ratio": 3.0}, "trl": rec["baselines"]["trl"]}},
+        {**rec, "samples_per_s": 1.0, "baselines": {"seeds": {"status": "ok", "samples_per_s": 0.2, "ratio": 5.0}}}]
+    combined = bench.with_rounds(rounds)
+    assert combined["samples_per_s"] == 2.0 and len(combined["rounds"]) == 3
+    assert combined["ratio_rounds"] == {"seeds": {"ratios": [4.0, 3.0, 5.0], "median": 4.0, "min": 3.0, "max": 5.0,
+                                                  "n": 3}}
+    md = bench.markdown_section([combined], header)
+    assert ("`x` against seeds, 3 paired rounds (the table shows the first): ratios 4.00x, 3.00x, 5.00x; "
+            "**median 4.00x** (range 3.00-5.00x); ours 1.00-3.00 samples/s.") in md
+    assert bench.with_rounds([rec]) == rec and "rounds" not in bench.markdown_section([rec], header)
 
 
 def test_learning_benchmark_smoke(demo_assets, demo_cache, tmp_path):
