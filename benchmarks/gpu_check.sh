@@ -47,7 +47,8 @@ step() {
 
 if [ "${DRY:-0}" = 1 ]; then
   # the same steps, on the CPU and the tiny presets: checks the script, not the figures
-  FLAN=(--preset tiny) ; FP_FLAN=(--preset tiny --iterations 1) ; GPT2=(--preset tiny --only tiny-gpt2-causal)
+  FLAN=(--preset tiny --only tiny-t5-detox) ; FP_FLAN=(--preset tiny --iterations 1)
+  GPT2=(--preset tiny --only tiny-gpt2-causal)
   SCALING=(--preset tiny --only tiny-t5-detox --batch-size 32) ; MEMORY=(--preset memory --only flan-t5-large-lora)
   ITER=(--iterations 1 --warmup 1) ; DEVICE_CHECK=0
 else
@@ -82,9 +83,11 @@ step fast_paths_flan 90 "$PY" -m benchmarks.fast_paths "${FP_FLAN[@]}" --results
 step flan_t5_base 100 "$PY" -m benchmarks.ppo_throughput "${FLAN[@]}" "${ITER[@]}" --baselines "$SEEDS" \
   --set generation.engine=static --set generation.compile=always --results "$RESULTS"
 
-# 4b. the same with the PPO passes compiled too (ppo.compile: old log-probs, reference, update)
+# 4b. the same with every fast path on: the PPO passes and loss maths compiled (ppo.compile) and the old log-probs
+#     taken from sampling (ppo.rollout_logprobs: no old-log-prob pass)
 [ "${NO_PPO_COMPILE:-0}" = 1 ] || step flan_t5_base_ppo_compile 90 "$PY" -m benchmarks.ppo_throughput "${FLAN[@]}" "${ITER[@]}" --baselines '' \
-  --set generation.engine=static --set generation.compile=always --set ppo.compile=true --results "$RESULTS"
+  --set generation.engine=static --set generation.compile=always --set ppo.compile=true \
+  --set ppo.rollout_logprobs=true --results "$RESULTS"
 
 # 5. gpt2-sized causal
 step gpt2 45 "$PY" -m benchmarks.ppo_throughput "${GPT2[@]}" "${ITER[@]}" --baselines "$SEEDS" \
