@@ -76,10 +76,11 @@ def mask_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tupl
     return mask, ids, is_eos.any(dim=1)
 
 
-def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+def _pad_right(t: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:
+    """(B, T', ...) -> (B, length, ...): `value` appended along dim 1 (ids, masks, log-probs, hidden states)."""
     if t.shape[1] >= length:
         return t
-    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]), value=value)
 
 
 # Neutral values of every generation field that reshapes the sampling distribution. transformers fills each field
@@ -227,11 +228,6 @@ def pad_for_engine(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, left: boo
     return (torch.nn.functional.pad(ids, pad, value=pad_id), torch.nn.functional.pad(mask, pad, value=0))
 
 
-def _pad_columns(t: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, T', ...) -> (B, length, ...), zeros on the right (float tensors: log-probs, hidden states)."""
-    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]))
-
-
 def kept_from_sampling(out, kind: str, response: torch.Tensor, temperature: float,
                        keep_hidden: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """ppo.rollout_logprobs: from generate()'s per-step raw logits (before any logits processor) the log-probs of
@@ -299,8 +295,8 @@ def generate_rollouts(policy: PolicyWithValue, prompts: list[list[int]], tokeniz
     resp_mask, response, ended = mask_after_eos(response, eos_id, pad_id)
     if resp_mask.shape[1] == 0:
         raise RuntimeError("generation returned no tokens")
-    encoder_states = torch.cat([_pad_columns(e, P) for e in chunks_enc]) if chunks_enc else None
-    logprobs = torch.cat([_pad_columns(lp, T) for lp, _ in chunks_kept]) if keep_logprobs else None
-    hidden = torch.cat([_pad_columns(h, T) for _, h in chunks_kept]) if keep_logprobs and keep_hidden else None
+    encoder_states = torch.cat([_pad_right(e, P) for e in chunks_enc]) if chunks_enc else None
+    logprobs = torch.cat([_pad_right(lp, T) for lp, _ in chunks_kept]) if keep_logprobs else None
+    hidden = torch.cat([_pad_right(h, T) for _, h in chunks_kept]) if keep_logprobs and keep_hidden else None
     return Rollout(torch.cat(prompt_ids), torch.cat(prompt_mask), response, resp_mask, ended, encoder_states,
                    logprobs, hidden)
